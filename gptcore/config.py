@@ -1,0 +1,192 @@
+"""The model config shared by both twins.
+
+This module imports neither JAX nor PyTorch: `jaxgpt` and `torchgpt` build the
+same network from the same `ModelConfig`. Every choice on which the two
+frameworks' defaults differ (norm eps, GELU approximation, RoPE base) is an
+explicit field, so no default can silently disagree between the twins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+POSITIONS = ("learned", "sinusoidal", "rope", "none")
+MLPS = ("relu", "gelu", "gelu_tanh", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post")
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model. The message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every architecture choice of a decoder-only transformer.
+
+    Fields left as None are derived in `__post_init__` (n_kv_heads = n_heads,
+    head_dim = d_model // n_heads, d_ff = 4 * d_model); after construction every
+    field holds a concrete value.
+    """
+
+    # sizes
+    vocab_size: int = 65
+    context_length: int = 128  # longest sequence the positions support
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # < n_heads: grouped-query attention; 1: multi-query
+    head_dim: int | None = None  # may differ from d_model // n_heads (seed 000: 256 / 6 -> 42)
+    d_ff: int | None = None  # hidden width of the MLP (of each expert under MoE)
+
+    # positions
+    position: Literal["learned", "sinusoidal", "rope", "none"] = "learned"
+    rope_base: float = 10000.0  # rotate-half (GPT-NeoX / HF Llama) layout
+
+    # attention
+    qkv_fused: bool = True  # one [q | k | v] projection, else q_proj, k_proj, v_proj
+    qkv_bias: bool = False
+    out_bias: bool = False  # attention output projection
+
+    # mlp
+    mlp: Literal["relu", "gelu", "gelu_tanh", "swiglu"] = "relu"
+    mlp_bias: bool = False
+    n_experts: int = 0  # 0: a dense MLP; >= 2: mixture of experts
+    top_k: int = 2  # experts per token; weights = softmax over the top-k router logits
+    shared_expert: bool = False  # DeepSeek-style expert applied to every token
+    router_bias: bool = False
+    aux_loss_coef: float = 0.0  # Switch / Mixtral load-balancing loss weight
+
+    # normalisation
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm only
+    norm_placement: Literal["pre", "post"] = "pre"
+
+    # output head
+    tie_embeddings: bool = True
+    lm_head_bias: bool = False
+
+    # dropout (training only; both twins are deterministic in eval mode)
+    embd_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+
+    # initialisation
+    init_std: float = 0.02
+    scaled_residual_init: bool = True  # out_proj / MLP down: init_std / sqrt(2 * n_layers)
+
+    def __post_init__(self):
+        derived = {"n_kv_heads": self.n_heads, "d_ff": 4 * self.d_model}
+        if self.n_heads and self.n_heads > 0:
+            derived["head_dim"] = self.d_model // self.n_heads
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        _check_types(self)
+        _check_values(self)
+
+    # -- derived quantities -------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def residual_init_std(self) -> float:
+        if self.scaled_residual_init:
+            return self.init_std / math.sqrt(2 * self.n_layers)
+        return self.init_std
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with `changes` applied; derived fields are derived again
+        unless given."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("n_kv_heads", "head_dim", "d_ff"):
+            if fields[name] == _default_derived(self, name):
+                fields[name] = None  # stays derived from the new sizes
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ConfigError(f"unknown model config key {sorted(unknown)[0]!r}")
+        fields.update(changes)
+        return ModelConfig(**fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key {unknown[0]!r}")
+        return cls(**d)
+
+
+def _default_derived(cfg: ModelConfig, name: str):
+    if name == "n_kv_heads":
+        return cfg.n_heads
+    if name == "head_dim":
+        return cfg.d_model // cfg.n_heads
+    return 4 * cfg.d_model
+
+
+_FIELD_TYPES = {
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "bool": bool,
+}
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = f.type
+        if kind.startswith("Literal"):
+            choices = {"position": POSITIONS, "mlp": MLPS, "norm": NORMS,
+                       "norm_placement": NORM_PLACEMENTS}[f.name]
+            if value not in choices:
+                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+            continue
+        expected = _FIELD_TYPES[kind]
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))
+            ok = True
+        if not ok:
+            raise ConfigError(f"{f.name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _check_values(c: ModelConfig) -> None:
+    def require(cond: bool, field: str, why: str):
+        if not cond:
+            raise ConfigError(f"{field}: {why} (got {getattr(c, field)!r})")
+
+    for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads",
+                 "n_kv_heads", "head_dim", "d_ff"):
+        require(getattr(c, name) > 0, name, "must be positive")
+    require(c.n_heads % c.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={c.n_heads}")
+    require(c.position != "rope" or c.head_dim % 2 == 0, "head_dim", "must be even with rope positions")
+    require(c.position != "sinusoidal" or c.d_model % 2 == 0, "d_model", "must be even with sinusoidal positions")
+    require(c.rope_base > 1.0, "rope_base", "must be > 1")
+    require(c.norm_eps > 0.0, "norm_eps", "must be positive")
+    require(c.n_experts == 0 or c.n_experts >= 2, "n_experts", "must be 0 (dense MLP) or at least 2")
+    if c.is_moe:
+        require(1 <= c.top_k <= c.n_experts, "top_k", f"must be in [1, n_experts={c.n_experts}]")
+    else:
+        require(not c.shared_expert, "shared_expert", "needs n_experts >= 2")
+    require(c.aux_loss_coef >= 0.0, "aux_loss_coef", "must be >= 0")
+    for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
+        require(0.0 <= getattr(c, name) < 1.0, name, "must be in [0, 1)")
+    require(c.init_std > 0.0, "init_std", "must be positive")

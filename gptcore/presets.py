@@ -1,0 +1,103 @@
+"""Named presets: TOML files in `configs/` that only override defaults.
+
+A preset file has one table per section (`[model]` here; the trainer adds its
+own sections). Keys a section does not know and values of the wrong type are
+errors that name the file and the key. `key=value` overrides use dotted paths
+(`model.n_layers=2`) and TOML value syntax (`train.lr=3e-4`, `model.mlp="gelu"`;
+a bare word is read as a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from gptcore.config import ConfigError, ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# section name -> dataclass; other modules register theirs (the trainer adds "train").
+SECTIONS: dict[str, type] = {"model": ModelConfig}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    """`seed001_mini`, `configs/seed001_mini.toml` or any path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ConfigError(f"no config file {str(path)!r} (presets: {', '.join(preset_names())})")
+    return path
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`model.d_model=64` -> (["model", "d_model"], 64)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if len(keys) != 2 or not all(keys):
+        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. model.n_layers")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return keys, value
+
+
+def load_sections(name_or_path: str | Path | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> dict[str, dict]:
+    """The raw tables of a preset with overrides applied (no dataclasses built)."""
+    tables: dict[str, dict] = {}
+    source = "defaults"
+    if name_or_path is not None:
+        path = resolve_preset(name_or_path)
+        source = str(path)
+        try:
+            tables = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    for section, table in tables.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {section} must be a table")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"override {text!r}: unknown section {section!r}")
+        tables.setdefault(section, {})[key] = value
+    return tables
+
+
+def build_section(section: str, table: dict, source: str = "config"):
+    """The dataclass of `section` from a table, with one-line errors naming the key."""
+    cls = SECTIONS[section]
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {section}.{key}")
+    try:
+        return cls(**table)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {section}.{e}") from None
+
+
+def load_config(name_or_path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> dict[str, object]:
+    """Every registered section of a preset, as dataclasses."""
+    tables = load_sections(name_or_path, overrides)
+    source = str(name_or_path) if name_or_path is not None else "defaults"
+    return {s: build_section(s, tables.get(s, {}), source) for s in SECTIONS}
+
+
+def load_model_config(name_or_path: str | Path | None = None,
+                      overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
+    tables = load_sections(name_or_path, [o for o in overrides if o.startswith("model.")])
+    source = str(name_or_path) if name_or_path is not None else "defaults"
+    return build_section("model", tables.get("model", {}), source)

@@ -1,0 +1,323 @@
+"""The decoder-only transformer in Flax linen.
+
+Parallel text: torchgpt/model.py (same module names, same order, same shape
+comments). Pure-functional: `GPT(cfg).apply(params, tokens, ...)` returns a
+`ModelOutput(logits, cache, aux_loss)`; the KV cache is a plain dict pytree
+passed in and returned, never a mutable collection.
+
+Shape legend: B batch, T new tokens, S cached key slots, C d_model,
+H query heads, K key/value heads, G = H // K, D head_dim, F d_ff, E experts,
+L layers, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gptcore.config import ModelConfig
+from jaxgpt import ops
+
+Cache = dict[str, jax.Array]
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # (B, T, V) float32
+    cache: Cache | None  # updated KV cache, when one was passed in
+    aux_loss: jax.Array  # () mean MoE load-balancing loss over layers (0 for dense MLPs)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    """An empty KV cache of `max_len` slots.
+
+    k, v: (L, B, S, K, D); positions: (B, S) position of each cached key;
+    valid: (B, S) slot holds a real (non-padding) key; end: () next free slot.
+    """
+    kv_shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(kv_shape, dtype),
+        "v": jnp.zeros(kv_shape, dtype),
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+        "valid": jnp.zeros((batch, max_len), bool),
+        "end": jnp.zeros((), jnp.int32),
+    }
+
+
+def _dense(cfg: ModelConfig, features: int, bias: bool, name: str, std: float | None = None,
+           dtype=jnp.float32) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, name=name, dtype=dtype,
+                    kernel_init=nn.initializers.normal(std or cfg.init_std),
+                    bias_init=nn.initializers.zeros)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, computed in float32 with two-pass variance
+    (mean first, then the mean of squared deviations): Flax's fast
+    E[x^2] - E[x]^2 loses digits when |mean| >> std."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):  # (..., C) -> (..., C)
+        c = self.cfg
+        h = x.astype(jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (h.shape[-1],))
+        if c.norm == "layernorm":
+            h = h - h.mean(-1, keepdims=True)
+            h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + c.norm_eps) * scale
+            if c.norm_bias:
+                h = h + self.param("bias", nn.initializers.zeros, (h.shape[-1],))
+        else:
+            h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + c.norm_eps) * scale
+        return h.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query causal self-attention.
+
+    Query head h reads key/value head h // G (repeat-interleave grouping,
+    [k0, k0, k1, k1] for G = 2); queries are grouped as (K, G) instead of
+    repeating K and V in memory.
+    """
+    cfg: ModelConfig
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, mask, layer_cache=None, cache_end=None):
+        c = self.cfg
+        B, T, _ = x.shape
+        H, K, D = c.n_heads, c.n_kv_heads, c.head_dim
+        if c.qkv_fused:  # one projection, output laid out [q (H*D) | k (K*D) | v (K*D)]
+            qkv = _dense(c, c.q_dim + 2 * c.kv_dim, c.qkv_bias, "qkv_proj", dtype=self.dtype)(x)
+            q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+        else:
+            q = _dense(c, c.q_dim, c.qkv_bias, "q_proj", dtype=self.dtype)(x)
+            k = _dense(c, c.kv_dim, c.qkv_bias, "k_proj", dtype=self.dtype)(x)
+            v = _dense(c, c.kv_dim, c.qkv_bias, "v_proj", dtype=self.dtype)(x)
+        q = q.reshape(B, T, H, D)  # (B, T, H, D)
+        k = k.reshape(B, T, K, D)  # (B, T, K, D)
+        v = v.reshape(B, T, K, D)  # (B, T, K, D)
+        if c.position == "rope":
+            q = ops.apply_rope(q, positions, c.rope_base)
+            k = ops.apply_rope(k, positions, c.rope_base)
+        if layer_cache is not None:  # write the new keys at slots [end, end + T)
+            k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype), (0, cache_end, 0, 0))
+            v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype), (0, cache_end, 0, 0))
+            layer_cache = (k, v)  # (B, S, K, D) each
+
+        q = q.reshape(B, T, K, H // K, D)  # (B, T, K, G, D)
+        scores = jnp.einsum("BTKGD,BSKD->BKGTS", q, k.astype(q.dtype)) * D ** -0.5
+        probs = ops.masked_softmax(scores, mask[:, None, None, :, :])  # (B, K, G, T, S)
+        probs = ops.dropout(probs, c.attn_dropout, self._rng(c.attn_dropout))
+        out = jnp.einsum("BKGTS,BSKD->BTKGD", probs.astype(v.dtype), v).reshape(B, T, H * D)
+        out = _dense(c, c.d_model, c.out_bias, "out_proj", c.residual_init_std, self.dtype)(out.astype(self.dtype))
+        return out, layer_cache  # (B, T, C)
+
+    def _rng(self, rate):
+        return None if self.deterministic or rate == 0.0 else self.make_rng("dropout")
+
+
+class MLP(nn.Module):
+    """relu / gelu / gelu_tanh: down(act(up(x))); swiglu: down(silu(gate(x)) * up(x))."""
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (..., C) -> (..., C)
+        c = self.cfg
+        if c.mlp == "swiglu":
+            h = ops.activation("silu", _dense(c, c.d_ff, c.mlp_bias, "gate", dtype=self.dtype)(x))
+            h = h * _dense(c, c.d_ff, c.mlp_bias, "up", dtype=self.dtype)(x)
+        else:
+            h = ops.activation(c.mlp, _dense(c, c.d_ff, c.mlp_bias, "up", dtype=self.dtype)(x))
+        return _dense(c, c.d_model, c.mlp_bias, "down", c.residual_init_std, self.dtype)(h)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts with an optional shared expert.
+
+    The router runs in float32; weights are the softmax over the top-k router
+    logits; lax.top_k puts the lower expert index first among ties (the
+    torch twin sorts stably to the same order). Every expert is evaluated on
+    every token and the outputs are combined with the (mostly zero) routing
+    weights: exact, simple, and fast for the few experts of these models.
+    """
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, valid):  # (B, T, C), (B, T) -> (B, T, C), ()
+        c = self.cfg
+        router = nn.Dense(c.n_experts, use_bias=c.router_bias, name="router", dtype=jnp.float32,
+                          kernel_init=nn.initializers.normal(c.init_std))
+        logits = router(x.astype(jnp.float32))  # (B, T, E)
+        top_logits, top_idx = jax.lax.top_k(logits, c.top_k)  # (B, T, k)
+        weights = jax.nn.softmax(top_logits, axis=-1)  # (B, T, k)
+        choice = jax.nn.one_hot(top_idx, c.n_experts, dtype=jnp.float32)  # (B, T, k, E)
+        combine = jnp.einsum("BTk,BTkE->BTE", weights, choice)  # (B, T, E)
+
+        experts = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=None, out_axes=0, axis_size=c.n_experts)
+        expert_out = experts(c, self.dtype, name="experts")(x)  # (E, B, T, C)
+        out = jnp.einsum("BTE,EBTC->BTC", combine.astype(expert_out.dtype), expert_out)
+        if c.shared_expert:
+            out = out + MLP(c, self.dtype, name="shared_expert")(x)
+        return out, load_balancing_loss(logits, choice, valid)
+
+
+def load_balancing_loss(logits, choice, valid):
+    """Switch / Mixtral auxiliary loss: E * sum_{k,e} f[k, e] * P[e], where
+    f is the fraction of (valid) tokens whose k-th choice is expert e and P the
+    mean router probability of e. (B, T, E), (B, T, k, E), (B, T) -> ()."""
+    w = valid.astype(jnp.float32)
+    n = jnp.maximum(w.sum(), 1.0)
+    f = jnp.einsum("BTkE,BT->kE", choice, w) / n  # (k, E)
+    p = jnp.einsum("BTE,BT->E", jax.nn.softmax(logits, axis=-1), w) / n  # (E,)
+    return logits.shape[-1] * jnp.sum(f * p[None, :])
+
+
+class Block(nn.Module):
+    """One transformer layer, pre-norm  x + f(norm(x))  or post-norm
+    norm(x + f(x)). The signature fits nn.scan: (carry, per-layer input) ->
+    (carry, per-layer output)."""
+    cfg: ModelConfig
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, mask, valid, cache_end):
+        c = self.cfg
+        norm1, norm2 = Norm(c, name="norm1"), Norm(c, name="norm2")
+        attn = Attention(c, self.deterministic, self.dtype, name="attn")
+        mlp = MoE(c, self.dtype, name="mlp") if c.is_moe else MLP(c, self.dtype, name="mlp")
+
+        def ffn(h):
+            return mlp(h, valid) if c.is_moe else (mlp(h), jnp.zeros((), jnp.float32))
+
+        if c.norm_placement == "pre":
+            h, layer_cache = attn(norm1(x), positions, mask, layer_cache, cache_end)
+            x = x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout))
+            h, aux = ffn(norm2(x))
+            x = x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout))
+        else:
+            h, layer_cache = attn(x, positions, mask, layer_cache, cache_end)
+            x = norm1(x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout)))
+            h, aux = ffn(x)
+            x = norm2(x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout)))
+        return x, (layer_cache, aux)
+
+    def _rng(self, rate):
+        return None if self.deterministic or rate == 0.0 else self.make_rng("dropout")
+
+
+class GPT(nn.Module):
+    """Token (+ position) embeddings, n_layers blocks, final norm, lm head.
+
+    scan_layers stacks the blocks' parameters on a leading L axis and runs
+    them with nn.scan (one compiled layer body); remat recomputes each block's
+    activations in the backward pass. Neither changes the function computed.
+    """
+    cfg: ModelConfig
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    scan_layers: bool = False
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, valid=None, cache: Cache | None = None,
+                 deterministic: bool = True) -> ModelOutput:
+        """tokens (B, T) int; positions (B, T) int (default: 0.. or the
+        cache's next slots); valid (B, T) bool, False at padding."""
+        c = self.cfg
+        B, T = tokens.shape
+        offset = 0 if cache is None else cache["end"]
+        if positions is None:
+            positions = jnp.arange(T, dtype=jnp.int32)[None, :] + offset
+            positions = jnp.broadcast_to(positions, (B, T))
+        if valid is None:
+            valid = jnp.ones((B, T), bool)
+        if cache is None:
+            kv_positions, kv_valid, layer_caches = positions, valid, None
+        else:
+            kv_positions = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, offset))
+            kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, offset))
+            layer_caches = (cache["k"], cache["v"])  # (L, B, S, K, D) each
+        mask = ops.attention_mask(positions, kv_positions, kv_valid)  # (B, T, S)
+
+        tok_emb = nn.Embed(c.vocab_size, c.d_model, name="tok_emb",
+                           embedding_init=nn.initializers.normal(c.init_std))
+        x = tok_emb(tokens)  # (B, T, C)
+        if c.position == "learned":
+            x = x + nn.Embed(c.context_length, c.d_model, name="pos_emb",
+                             embedding_init=nn.initializers.normal(c.init_std))(positions)
+        elif c.position == "sinusoidal":
+            x = x + ops.sinusoidal_positions(positions, c.d_model)
+        x = ops.dropout(x, c.embd_dropout, None if deterministic or c.embd_dropout == 0.0
+                        else self.make_rng("dropout")).astype(self.dtype)
+
+        block = nn.remat(Block) if self.remat else Block
+        if self.scan_layers:
+            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                             length=c.n_layers)
+            x, (layer_caches, aux) = blocks(c, deterministic, self.dtype, name="blocks")(
+                x, layer_caches, positions, mask, valid, offset)
+        else:
+            new_caches, aux = [], []
+            for i in range(c.n_layers):
+                layer_cache = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+                x, (layer_cache, layer_aux) = block(c, deterministic, self.dtype, name=f"blocks_{i}")(
+                    x, layer_cache, positions, mask, valid, offset)
+                new_caches.append(layer_cache)
+                aux.append(layer_aux)
+            aux = jnp.stack(aux)
+            if layer_caches is not None:
+                layer_caches = tuple(jnp.stack([lc[j] for lc in new_caches]) for j in range(2))
+
+        if c.norm_placement == "pre":  # post-norm blocks already end in a norm
+            x = Norm(c, name="norm_f")(x)
+        if c.tie_embeddings:
+            logits = tok_emb.attend(x.astype(jnp.float32))
+            if c.lm_head_bias:
+                logits = logits + self.param("lm_head_bias", nn.initializers.zeros, (c.vocab_size,))
+        else:
+            logits = _dense(c, c.vocab_size, c.lm_head_bias, "lm_head")(x.astype(jnp.float32))
+
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": layer_caches[0], "v": layer_caches[1], "positions": kv_positions,
+                         "valid": kv_valid, "end": offset + T}
+        return ModelOutput(logits.astype(jnp.float32), new_cache, aux.mean())
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, **model_kwargs) -> dict:
+    """Freshly initialised parameters (float32)."""
+    model = GPT(cfg, **model_kwargs)
+    tokens = jnp.zeros((1, min(cfg.context_length, 8)), jnp.int32)
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"]
+
+
+def count_params(params) -> int:
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+def param_shapes(cfg: ModelConfig, **model_kwargs) -> dict:
+    """The parameter tree as jax.ShapeDtypeStructs, without allocating it."""
+    model = GPT(cfg, **model_kwargs)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
+
+
+def params_from_state_dict(state, cfg: ModelConfig, **model_kwargs) -> dict:
+    """torchgpt state_dict (as numpy arrays) -> jaxgpt params, by gptcore.weights' rules."""
+    from gptcore.weights import torch_to_jax
+    tree = torch_to_jax(state, param_shapes(cfg, **model_kwargs))
+    return jax.tree_util.tree_map(jnp.asarray, tree)
+
+
+def state_dict_from_params(params) -> dict:
+    """jaxgpt params -> torchgpt state_dict as numpy arrays."""
+    from gptcore.weights import jax_to_torch
+    return jax_to_torch(jax.device_get(params))

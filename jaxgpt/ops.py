@@ -1,0 +1,119 @@
+"""Pure functions of the model: positions, masks, activations, dropout.
+
+Parallel text: torchgpt/ops.py. Shape legend: B batch, T query length,
+S key length, H query heads, K key/value heads, G = H // K query heads per
+key/value head, D head_dim, C d_model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+
+# -- positions ---------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
+    """(D/2,) rotation frequencies, computed in float64 once so both twins start
+    from the same float32 values."""
+    return (1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotate (B, T, N, D) by the angles of (B, T) integer positions.
+
+    Rotate-half layout (GPT-NeoX, HF Llama): dimension i pairs with i + D/2,
+    x' = x * cos + rotate_half(x) * sin with rotate_half([a, b]) = [-b, a].
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(x.shape[-1], base))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, D/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B, T, 1, D)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def sinusoidal_positions(positions: jax.Array, dim: int) -> jax.Array:
+    """(B, T) positions -> (B, T, dim) table of Vaswani et al.:
+    pe[p, 2i] = sin(p / 10000^(2i/dim)), pe[p, 2i+1] = cos(p / 10000^(2i/dim))."""
+    inv_freq = jnp.asarray(rope_inv_freq(dim, 10000.0))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, dim/2)
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, dim)
+
+
+# -- masks -------------------------------------------------------------------
+
+def attention_mask(q_positions: jax.Array, kv_positions: jax.Array,
+                   kv_valid: jax.Array) -> jax.Array:
+    """Boolean (B, T, S): query t may attend to key s.
+
+    Causal by position, so the same rule serves training and cached decoding:
+    key s is visible when kv_positions[s] <= q_positions[t] and it is not
+    padding. For positions 0..3 and no padding:
+
+        1 0 0 0
+        1 1 0 0
+        1 1 1 0
+        1 1 1 1
+    """
+    causal = kv_positions[:, None, :] <= q_positions[:, :, None]  # (B, T, S)
+    return causal & kv_valid[:, None, :]
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis in float32 where `mask` is True.
+
+    One policy for a row with no visible key (a query whose keys are all
+    padding): its weights are all zero, so its attention output is zero, never
+    NaN. Both twins implement exactly this.
+    """
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+
+
+# -- activations -------------------------------------------------------------
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    """relu | gelu (exact, erf) | gelu_tanh | silu. jax.nn.gelu defaults to the
+    tanh approximation; torch's GELU() is exact: the name says which."""
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "silu":
+        return jax.nn.silu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+# -- dropout -----------------------------------------------------------------
+
+def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
+    """Boolean keep mask; the parity tests replace this function in both twins
+    to inject the same mask."""
+    return jax.random.bernoulli(rng, 1.0 - rate, shape)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when rng is None (eval) or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = dropout_keep_mask(rng, rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+# -- loss --------------------------------------------------------------------
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy over valid positions. (B, T, V), (B, T) -> ()."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    if valid is None:
+        return nll.mean()
+    valid = valid.astype(jnp.float32)
+    return (nll * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+

@@ -1,0 +1,296 @@
+"""The decoder-only transformer in PyTorch: the reference twin.
+
+Parallel text: jaxgpt/model.py (same module names, same order, same shape
+comments). `GPT(cfg)(tokens, ...)` returns a `ModelOutput(logits, cache,
+aux_loss)`; the KV cache is a plain dict passed in and returned (its k / v
+tensors are written in place).
+
+Shape legend: B batch, T new tokens, S cached key slots, C d_model,
+H query heads, K key/value heads, G = H // K, D head_dim, F d_ff, E experts,
+L layers, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gptcore.config import ModelConfig
+from torchgpt import ops
+
+Cache = dict[str, torch.Tensor]
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, V) float32
+    cache: Cache | None  # updated KV cache, when one was passed in
+    aux_loss: torch.Tensor  # () mean MoE load-balancing loss over layers (0 for dense MLPs)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None) -> Cache:
+    """An empty KV cache of `max_len` slots.
+
+    k, v: (L, B, S, K, D); positions: (B, S) position of each cached key;
+    valid: (B, S) slot holds a real (non-padding) key; end: () next free slot.
+    """
+    kv_shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k": torch.zeros(kv_shape, dtype=dtype, device=device),
+        "v": torch.zeros(kv_shape, dtype=dtype, device=device),
+        "positions": torch.zeros((batch, max_len), dtype=torch.int32, device=device),
+        "valid": torch.zeros((batch, max_len), dtype=torch.bool, device=device),
+        "end": torch.zeros((), dtype=torch.int32),
+    }
+
+
+def Norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm or RMSNorm with the config's eps (torch's defaults differ:
+    LayerNorm 1e-5, RMSNorm the dtype's machine epsilon)."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.norm_bias)
+    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query causal self-attention.
+
+    Query head h reads key/value head h // G: K and V are repeat-interleaved
+    ([k0, k0, k1, k1] for G = 2), never tiled.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = self.cfg = cfg
+        if c.qkv_fused:  # one projection, output laid out [q (H*D) | k (K*D) | v (K*D)]
+            self.qkv_proj = nn.Linear(c.d_model, c.q_dim + 2 * c.kv_dim, bias=c.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(c.d_model, c.q_dim, bias=c.qkv_bias)
+            self.k_proj = nn.Linear(c.d_model, c.kv_dim, bias=c.qkv_bias)
+            self.v_proj = nn.Linear(c.d_model, c.kv_dim, bias=c.qkv_bias)
+        self.out_proj = nn.Linear(c.q_dim, c.d_model, bias=c.out_bias)
+
+    def forward(self, x, positions, mask, layer_cache=None, cache_end=None):
+        c = self.cfg
+        B, T, _ = x.shape
+        H, K, D = c.n_heads, c.n_kv_heads, c.head_dim
+        if c.qkv_fused:
+            q, k, v = self.qkv_proj(x).split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, D)  # (B, T, H, D)
+        k = k.view(B, T, K, D)  # (B, T, K, D)
+        v = v.view(B, T, K, D)  # (B, T, K, D)
+        if c.position == "rope":
+            q = ops.apply_rope(q, positions, c.rope_base)
+            k = ops.apply_rope(k, positions, c.rope_base)
+        if layer_cache is not None:  # write the new keys at slots [end, end + T)
+            layer_cache[0][:, cache_end:cache_end + T] = k
+            layer_cache[1][:, cache_end:cache_end + T] = v
+            k, v = layer_cache  # (B, S, K, D) each
+
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = k.to(q.dtype).repeat_interleave(H // K, dim=2).transpose(1, 2)  # (B, H, S, D)
+        v = v.to(q.dtype).repeat_interleave(H // K, dim=2).transpose(1, 2)  # (B, H, S, D)
+        scores = (q @ k.transpose(-2, -1)) * D ** -0.5  # (B, H, T, S)
+        probs = ops.masked_softmax(scores, mask[:, None, :, :])
+        probs = ops.dropout(probs, c.attn_dropout, self.training)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.out_proj(out), layer_cache  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """relu / gelu / gelu_tanh: down(act(up(x))); swiglu: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = self.cfg = cfg
+        if c.mlp == "swiglu":
+            self.gate = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
+        self.up = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
+        self.down = nn.Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
+
+    def forward(self, x):  # (..., C) -> (..., C)
+        c = self.cfg
+        if c.mlp == "swiglu":
+            h = ops.activation("silu", self.gate(x)) * self.up(x)
+        else:
+            h = ops.activation(c.mlp, self.up(x))
+        return self.down(h)
+
+
+def top_k_stable(logits: torch.Tensor, k: int):
+    """torch.topk's order among ties is unspecified; a stable descending sort
+    puts the lower index first, as jax.lax.top_k does."""
+    values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts with an optional shared expert.
+
+    The router runs in float32; weights are the softmax over the top-k router
+    logits; ties go to the lower expert index. Each expert runs on the tokens
+    routed to it (seed 002's loop), weighted by its routing weight.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = self.cfg = cfg
+        self.router = nn.Linear(c.d_model, c.n_experts, bias=c.router_bias)
+        self.experts = nn.ModuleList(MLP(c) for _ in range(c.n_experts))
+        if c.shared_expert:
+            self.shared_expert = MLP(c)
+
+    def forward(self, x, valid):  # (B, T, C), (B, T) -> (B, T, C), ()
+        c = self.cfg
+        logits = self.router(x.to(self.router.weight.dtype)).float()  # (B, T, E)
+        top_logits, top_idx = top_k_stable(logits, c.top_k)  # (B, T, k)
+        weights = top_logits.softmax(dim=-1)  # (B, T, k)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            routed = top_idx == e  # (B, T, k)
+            tokens = routed.any(dim=-1)  # (B, T)
+            if tokens.any():
+                w = (weights * routed).sum(dim=-1)[tokens]  # (N,)
+                out[tokens] += expert(x[tokens]) * w[:, None].to(x.dtype)
+        if c.shared_expert:
+            out = out + self.shared_expert(x)
+        choice = nn.functional.one_hot(top_idx, c.n_experts).float()  # (B, T, k, E)
+        return out, load_balancing_loss(logits, choice, valid)
+
+
+def load_balancing_loss(logits, choice, valid):
+    """Switch / Mixtral auxiliary loss: E * sum_{k,e} f[k, e] * P[e], where
+    f is the fraction of (valid) tokens whose k-th choice is expert e and P the
+    mean router probability of e. (B, T, E), (B, T, k, E), (B, T) -> ()."""
+    w = valid.float()
+    n = w.sum().clamp(min=1.0)
+    f = torch.einsum("BTkE,BT->kE", choice, w) / n  # (k, E)
+    p = torch.einsum("BTE,BT->E", logits.softmax(dim=-1), w) / n  # (E,)
+    return logits.shape[-1] * torch.sum(f * p[None, :])
+
+
+class Block(nn.Module):
+    """One transformer layer, pre-norm  x + f(norm(x))  or post-norm
+    norm(x + f(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = self.cfg = cfg
+        self.norm1, self.norm2 = Norm(c), Norm(c)
+        self.attn = Attention(c)
+        self.mlp = MoE(c) if c.is_moe else MLP(c)
+
+    def forward(self, x, layer_cache, positions, mask, valid, cache_end):
+        c = self.cfg
+
+        def ffn(h):
+            return self.mlp(h, valid) if c.is_moe else (self.mlp(h), torch.zeros((), device=h.device))
+
+        if c.norm_placement == "pre":
+            h, layer_cache = self.attn(self.norm1(x), positions, mask, layer_cache, cache_end)
+            x = x + ops.dropout(h, c.resid_dropout, self.training)
+            h, aux = ffn(self.norm2(x))
+            x = x + ops.dropout(h, c.resid_dropout, self.training)
+        else:
+            h, layer_cache = self.attn(x, positions, mask, layer_cache, cache_end)
+            x = self.norm1(x + ops.dropout(h, c.resid_dropout, self.training))
+            h, aux = ffn(x)
+            x = self.norm2(x + ops.dropout(h, c.resid_dropout, self.training))
+        return x, (layer_cache, aux)
+
+
+class GPT(nn.Module):
+    """Token (+ position) embeddings, n_layers blocks, final norm, lm head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = self.cfg = cfg
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        if c.position == "learned":
+            self.pos_emb = nn.Embedding(c.context_length, c.d_model)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        if c.norm_placement == "pre":  # post-norm blocks already end in a norm
+            self.norm_f = Norm(c)
+        if c.tie_embeddings:
+            if c.lm_head_bias:
+                self.lm_head_bias = nn.Parameter(torch.zeros(c.vocab_size))
+        else:
+            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled residual init (seed 001, GPT-2)
+            if name.endswith(("out_proj.weight", "down.weight")):
+                nn.init.normal_(p, mean=0.0, std=c.residual_init_std)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, tokens, positions=None, valid=None, cache: Cache | None = None) -> ModelOutput:
+        """tokens (B, T) int; positions (B, T) int (default: 0.. or the
+        cache's next slots); valid (B, T) bool, False at padding."""
+        c = self.cfg
+        B, T = tokens.shape
+        offset = 0 if cache is None else int(cache["end"])
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)[None, :] + offset
+            positions = positions.expand(B, T)
+        if valid is None:
+            valid = torch.ones((B, T), dtype=torch.bool, device=tokens.device)
+        if cache is None:
+            kv_positions, kv_valid, layer_caches = positions, valid, None
+        else:
+            kv_positions, kv_valid = cache["positions"], cache["valid"]
+            kv_positions[:, offset:offset + T] = positions
+            kv_valid[:, offset:offset + T] = valid
+            layer_caches = (cache["k"], cache["v"])  # (L, B, S, K, D) each
+        mask = ops.attention_mask(positions, kv_positions, kv_valid)  # (B, T, S)
+
+        x = self.tok_emb(tokens)  # (B, T, C)
+        if c.position == "learned":
+            x = x + self.pos_emb(positions)
+        elif c.position == "sinusoidal":
+            x = x + ops.sinusoidal_positions(positions, c.d_model)
+        x = ops.dropout(x, c.embd_dropout, self.training)
+
+        aux = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+            x, (_, layer_aux) = block(x, layer_cache, positions, mask, valid, offset)
+            aux.append(layer_aux)
+        aux = torch.stack(aux)
+
+        if c.norm_placement == "pre":
+            x = self.norm_f(x)
+        if c.tie_embeddings:
+            logits = x.float() @ self.tok_emb.weight.float().T
+            if c.lm_head_bias:
+                logits = logits + self.lm_head_bias
+        else:
+            logits = self.lm_head(x)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = dict(cache, positions=kv_positions, valid=kv_valid,
+                             end=torch.tensor(offset + T, dtype=torch.int32))
+        return ModelOutput(logits.float(), new_cache, aux.mean())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_arrays(model: nn.Module) -> dict:
+    """The state_dict as numpy arrays (the twins' interchange form)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def load_state_arrays(model: nn.Module, state) -> nn.Module:
+    """Load numpy arrays by state_dict key; strict, so missing or unexpected keys raise."""
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    return model

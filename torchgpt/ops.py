@@ -1,0 +1,118 @@
+"""Pure functions of the model: positions, masks, activations, dropout.
+
+Parallel text: jaxgpt/ops.py. Shape legend: B batch, T query length,
+S key length, H query heads, K key/value heads, G = H // K query heads per
+key/value head, D head_dim, C d_model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# -- positions ---------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
+    """(D/2,) rotation frequencies, computed in float64 once so both twins start
+    from the same float32 values."""
+    return (1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate (B, T, N, D) by the angles of (B, T) integer positions.
+
+    Rotate-half layout (GPT-NeoX, HF Llama): dimension i pairs with i + D/2,
+    x' = x * cos + rotate_half(x) * sin with rotate_half([a, b]) = [-b, a].
+    """
+    inv_freq = torch.from_numpy(rope_inv_freq(x.shape[-1], base)).to(x.device)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # (B, T, 1, D)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, T) positions -> (B, T, dim) table of Vaswani et al.:
+    pe[p, 2i] = sin(p / 10000^(2i/dim)), pe[p, 2i+1] = cos(p / 10000^(2i/dim))."""
+    inv_freq = torch.from_numpy(rope_inv_freq(dim, 10000.0)).to(positions.device)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, dim/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(*positions.shape, dim)
+
+
+# -- masks -------------------------------------------------------------------
+
+def attention_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor,
+                   kv_valid: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, T, S): query t may attend to key s.
+
+    Causal by position, so the same rule serves training and cached decoding:
+    key s is visible when kv_positions[s] <= q_positions[t] and it is not
+    padding. For positions 0..3 and no padding:
+
+        1 0 0 0
+        1 1 0 0
+        1 1 1 0
+        1 1 1 1
+    """
+    causal = kv_positions[:, None, :] <= q_positions[:, :, None]  # (B, T, S)
+    return causal & kv_valid[:, None, :]
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis in float32 where `mask` is True.
+
+    One policy for a row with no visible key (a query whose keys are all
+    padding): its weights are all zero, so its attention output is zero, never
+    NaN. Both twins implement exactly this.
+    """
+    scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    return scores.softmax(dim=-1).masked_fill(~mask, 0.0)
+
+
+# -- activations -------------------------------------------------------------
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """relu | gelu (exact, erf) | gelu_tanh | silu. jax.nn.gelu defaults to the
+    tanh approximation; torch's GELU() is exact: the name says which."""
+    if name == "relu":
+        return F.relu(x)
+    if name == "gelu":
+        return F.gelu(x, approximate="none")
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+# -- dropout -----------------------------------------------------------------
+
+def dropout_keep_mask(rate: float, shape: tuple[int, ...], device) -> torch.Tensor:
+    """Boolean keep mask; the parity tests replace this function in both twins
+    to inject the same mask."""
+    return torch.rand(shape, device=device) >= rate
+
+
+def dropout(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Inverted dropout; identity in eval mode or when rate is 0."""
+    if not training or rate == 0.0:
+        return x
+    keep = dropout_keep_mask(rate, tuple(x.shape), x.device)
+    return torch.where(keep, x / (1.0 - rate), 0.0).to(x.dtype)
+
+
+# -- loss --------------------------------------------------------------------
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over valid positions. (B, T, V), (B, T) -> ()."""
+    logp = logits.float().log_softmax(dim=-1)
+    nll = -logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    if valid is None:
+        return nll.mean()
+    valid = valid.float()
+    return (nll * valid).sum() / valid.sum().clamp(min=1.0)
