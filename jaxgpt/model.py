@@ -321,3 +321,23 @@ def state_dict_from_params(params) -> dict:
     """jaxgpt params -> torchgpt state_dict as numpy arrays."""
     from gptcore.weights import jax_to_torch
     return jax_to_torch(jax.device_get(params))
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """Unrolled params (blocks_0 .. blocks_{L-1}) -> the scan_layers layout (blocks, leading L axis)."""
+    params = dict(params)
+    layers = [params.pop(f"blocks_{i}") for i in range(n_layers)]
+    params["blocks"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    return params
+
+
+def unstack_layers(params: dict) -> dict:
+    """The scan_layers layout -> unrolled params; the canonical layout on disk."""
+    if "blocks" not in params:
+        return params
+    params = dict(params)
+    blocks = params.pop("blocks")
+    n = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+    for i in range(n):
+        params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda x: x[i], blocks)
+    return params

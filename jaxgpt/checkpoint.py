@@ -1,0 +1,89 @@
+"""Model directories: the config travels with the weights.
+
+A model directory holds
+
+    config.json      {"format": "jaxgpt", "model": {...ModelConfig fields...}}
+    tokenizer.json   the HF `tokenizers` file the model was trained with (optional)
+    params/          the parameter tree, saved by orbax's StandardCheckpointer
+
+`save_model` writes into a temporary sibling and renames it into place, so a
+crash never leaves a half-written directory under the final name, and it
+refuses to replace an existing directory unless told to.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gptcore.config import ModelConfig
+from jaxgpt.model import param_shapes, stack_layers, unstack_layers
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message says why."""
+
+
+def save_model(directory: str | Path, params, cfg: ModelConfig, tokenizer_file: str | Path | None = None,
+               *, overwrite: bool = False) -> Path:
+    directory = Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise CheckpointError(f"{directory} already exists (refusing to overwrite it)")
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG_FILE).write_text(json.dumps({"format": "jaxgpt", "model": cfg.to_dict()}, indent=2))
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp / PARAMS_DIR, jax.device_get(unstack_layers(params)))
+        ckptr.wait_until_finished()
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+        return ModelConfig.from_dict(meta["model"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a jaxgpt model directory)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable model config ({e.__class__.__name__}: {e})") from None
+
+
+def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[ModelConfig, dict, Path | None]:
+    """(config, params, tokenizer.json path or None) of a model directory.
+
+    Params are stored unrolled (blocks_0, blocks_1, ...); scan_layers=True
+    stacks them for a scanned model.
+    """
+
+    directory = Path(directory).absolute()
+    cfg = read_model_config(directory)
+    target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(cfg))
+    if not (directory / PARAMS_DIR).is_dir():
+        raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(directory / PARAMS_DIR, target)
+    except Exception as e:  # orbax raises many types for truncated / foreign files
+        raise CheckpointError(f"{directory}: cannot restore params ({e.__class__.__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if scan_layers:
+        params = stack_layers(params, cfg.n_layers)
+    tokenizer = directory / TOKENIZER_FILE
+    return cfg, params, tokenizer if tokenizer.is_file() else None
