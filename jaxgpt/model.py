@@ -139,9 +139,7 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """Top-k mixture of experts with an optional shared expert.
 
-    The router runs in float32; weights are the softmax over the top-k router
-    logits; lax.top_k puts the lower expert index first among ties (the
-    torch twin sorts stably to the same order). Every expert is evaluated on
+    The router runs in float32 (see ops.route). Every expert is evaluated on
     every token and the outputs are combined with the (mostly zero) routing
     weights: exact, simple, and fast for the few experts of these models.
     """
@@ -154,8 +152,7 @@ class MoE(nn.Module):
         router = nn.Dense(c.n_experts, use_bias=c.router_bias, name="router", dtype=jnp.float32,
                           kernel_init=nn.initializers.normal(c.init_std))
         logits = router(x.astype(jnp.float32))  # (B, T, E)
-        top_logits, top_idx = jax.lax.top_k(logits, c.top_k)  # (B, T, k)
-        weights = jax.nn.softmax(top_logits, axis=-1)  # (B, T, k)
+        weights, top_idx = ops.route(logits, c.top_k)  # (B, T, k) each
         choice = jax.nn.one_hot(top_idx, c.n_experts, dtype=jnp.float32)  # (B, T, k, E)
         combine = jnp.einsum("BTk,BTkE->BTE", weights, choice)  # (B, T, E)
 

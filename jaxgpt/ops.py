@@ -90,6 +90,19 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     raise ValueError(f"unknown activation {name!r}")
 
 
+# -- mixture of experts ------------------------------------------------------
+
+def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """(..., E) float32 router logits -> (..., k) weights, (..., k) expert ids.
+
+    Weights are the softmax over the top-k logits (seed 002; equal to
+    Mixtral's softmax-then-renormalise). Among tied logits the lower expert
+    index wins: lax.top_k's order, which the torch twin reproduces.
+    """
+    top_logits, top_idx = jax.lax.top_k(router_logits, top_k)
+    return jax.nn.softmax(top_logits, axis=-1), top_idx
+
+
 # -- dropout -----------------------------------------------------------------
 
 def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:

@@ -121,18 +121,10 @@ class MLP(nn.Module):
         return self.down(h)
 
 
-def top_k_stable(logits: torch.Tensor, k: int):
-    """torch.topk's order among ties is unspecified; a stable descending sort
-    puts the lower index first, as jax.lax.top_k does."""
-    values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
-    return values[..., :k], indices[..., :k]
-
-
 class MoE(nn.Module):
     """Top-k mixture of experts with an optional shared expert.
 
-    The router runs in float32; weights are the softmax over the top-k router
-    logits; ties go to the lower expert index. Each expert runs on the tokens
+    The router runs in float32 (see ops.route). Each expert runs on the tokens
     routed to it (seed 002's loop), weighted by its routing weight.
     """
 
@@ -147,8 +139,7 @@ class MoE(nn.Module):
     def forward(self, x, valid):  # (B, T, C), (B, T) -> (B, T, C), ()
         c = self.cfg
         logits = self.router(x.to(self.router.weight.dtype)).float()  # (B, T, E)
-        top_logits, top_idx = top_k_stable(logits, c.top_k)  # (B, T, k)
-        weights = top_logits.softmax(dim=-1)  # (B, T, k)
+        weights, top_idx = ops.route(logits, c.top_k)  # (B, T, k) each
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             routed = top_idx == e  # (B, T, k)

@@ -89,6 +89,21 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
+# -- mixture of experts ------------------------------------------------------
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., E) float32 router logits -> (..., k) weights, (..., k) expert ids.
+
+    Weights are the softmax over the top-k logits (seed 002; equal to
+    Mixtral's softmax-then-renormalise). Among tied logits the lower expert
+    index wins: torch.topk leaves the order of ties unspecified, so a stable
+    descending sort picks them, matching jax.lax.top_k.
+    """
+    top_logits, top_idx = torch.sort(router_logits, dim=-1, descending=True, stable=True)
+    top_logits, top_idx = top_logits[..., :top_k], top_idx[..., :top_k]
+    return top_logits.softmax(dim=-1), top_idx
+
+
 # -- dropout -----------------------------------------------------------------
 
 def dropout_keep_mask(rate: float, shape: tuple[int, ...], device) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""Shared fixtures of the parity suite: twins with identical weights.
+
+Strict tier: float32 on CPU with the highest matmul precision in both
+frameworks (JAX could otherwise run fp32 matmuls as TF32 / bf16 passes on
+accelerators, torch can enable TF32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from gptcore.config import ModelConfig
+from gptcore.presets import load_model_config
+import jaxgpt.model as jm
+import torchgpt.model as tm
+
+jax.config.update("jax_default_matmul_precision", "highest")
+torch.set_float32_matmul_precision("highest")
+
+TOL = 1e-5  # max abs difference of fp32 logits (HF's PT<->Flax tolerance)
+
+
+def small(cfg: ModelConfig, **changes) -> ModelConfig:
+    """A preset scaled down in width and depth only, keeping its head layout
+    (n_heads, n_kv_heads, head_dim ratio) and every architecture choice."""
+    d_model = 64
+    head_dim = max(2, (cfg.head_dim * d_model) // cfg.d_model)
+    head_dim += head_dim % 2
+    fields = dict(n_layers=min(cfg.n_layers, 2), d_model=d_model, head_dim=head_dim,
+                  d_ff=128, vocab_size=min(cfg.vocab_size, 256), context_length=min(cfg.context_length, 64))
+    fields.update(changes)
+    return cfg.replace(**fields)
+
+
+@functools.lru_cache(maxsize=None)
+def _twins(cfg: ModelConfig, seed: int):
+    torch.manual_seed(seed)
+    tmodel = tm.GPT(cfg).eval()
+    with torch.no_grad():  # biases start at 0 and norm gains at 1: make them non-trivial
+        for name, p in tmodel.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    params = jm.params_from_state_dict(tm.state_arrays(tmodel), cfg)
+    return tmodel, params
+
+
+def twins(cfg: ModelConfig, seed: int = 0):
+    """(torch model in eval mode, jax params) holding the same weights."""
+    return _twins(cfg, seed)
+
+
+def tokens_for(cfg: ModelConfig, batch: int = 2, length: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg.vocab_size, (batch, min(length, cfg.context_length))).astype(np.int32)
+
+
+def jax_forward(cfg, params, tokens, **kw):
+    return jm.GPT(cfg).apply({"params": params}, jnp.asarray(tokens), **kw)
+
+
+def torch_forward(tmodel, tokens, **kw):
+    kw = {k: torch.as_tensor(np.asarray(v)) for k, v in kw.items()}
+    with torch.no_grad():
+        return tmodel(torch.as_tensor(np.asarray(tokens)).long(), **kw)
+
+
+def max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def logits_diff(cfg: ModelConfig, seed: int = 0, **kw) -> float:
+    tmodel, params = twins(cfg, seed)
+    tokens = tokens_for(cfg)
+    return max_diff(jax_forward(cfg, params, tokens, **kw).logits, torch_forward(tmodel, tokens, **kw).logits)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
