@@ -42,9 +42,15 @@ def small(cfg: ModelConfig, **changes) -> ModelConfig:
 def _twins(cfg: ModelConfig, seed: int):
     torch.manual_seed(seed)
     tmodel = tm.GPT(cfg).eval()
-    with torch.no_grad():  # biases start at 0 and norm gains at 1: make them non-trivial
+    with torch.no_grad():
+        # Weights of a trained model's scale (activations O(1)), not the 0.02
+        # init: with tiny weights a wrong GELU or eps would hide below 1e-5.
         for name, p in tmodel.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if "emb" in name:  # logits of a tied head stay O(1) as in trained models
+                p.normal_(0.0, 0.25)
+            elif p.dim() >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5)  # 1 / sqrt(fan_in)
+            else:  # biases start at 0 and norm gains at 1: make them non-trivial
                 p.add_(0.1 * torch.randn_like(p))
     params = jm.params_from_state_dict(tm.state_arrays(tmodel), cfg)
     return tmodel, params
