@@ -80,13 +80,10 @@ class ModelConfig:
     scaled_residual_init: bool = True  # out_proj / MLP down: init_std / sqrt(2 * n_layers)
 
     def __post_init__(self):
-        derived = {"n_kv_heads": self.n_heads, "d_ff": 4 * self.d_model}
-        if self.n_heads and self.n_heads > 0:
-            derived["head_dim"] = self.d_model // self.n_heads
-        for name, value in derived.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
         _check_types(self)
+        for name in ("n_kv_heads", "head_dim", "d_ff"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, _default_derived(self, name))
         _check_values(self)
 
     # -- derived quantities -------------------------------------------------
@@ -137,7 +134,7 @@ def _default_derived(cfg: ModelConfig, name: str):
     if name == "n_kv_heads":
         return cfg.n_heads
     if name == "head_dim":
-        return cfg.d_model // cfg.n_heads
+        return cfg.d_model // cfg.n_heads if cfg.n_heads > 0 else 0
     return 4 * cfg.d_model
 
 
@@ -160,6 +157,8 @@ def _check_types(cfg: ModelConfig) -> None:
                 raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
             continue
         expected = _FIELD_TYPES[kind]
+        if value is None and kind == "int | None":
+            continue
         ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(cfg, f.name, float(value))
