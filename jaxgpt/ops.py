@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from gptcore.rope import rope_inv_freq
 
 
 # -- positions ---------------------------------------------------------------
-
-def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
-    """(D/2,) rotation frequencies, computed in float64 once so both twins start
-    from the same float32 values."""
-    return (1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
-
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     """Rotate (B, T, N, D) by the angles of (B, T) integer positions.

@@ -7,18 +7,13 @@ key/value head, D head_dim, C d_model.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptcore.rope import rope_inv_freq
+
 
 # -- positions ---------------------------------------------------------------
-
-def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
-    """(D/2,) rotation frequencies, computed in float64 once so both twins start
-    from the same float32 values."""
-    return (1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
-
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """Rotate (B, T, N, D) by the angles of (B, T) integer positions.
