@@ -1,0 +1,41 @@
+"""Checkpoint formats, framework-free (numpy only).
+
+Every reader returns a `Checkpoint`: a `ModelConfig`, the weights under our
+torch-style names (the torchgpt state_dict keys, which gptcore.weights also
+gives the jaxgpt params) and the tokenizer.json that travels with them. Every
+writer takes one. Foreign names are reached through the key maps of
+`keymap.py`, one table per format.
+
+Modules: keymap (the mapping machinery), state (our names and shapes for a
+config), safetensors_io (lazy reader, streaming writer), hf (Hugging Face
+GPT-2 / Llama / Mixtral directories), nanogpt (nanoGPT ckpt.pt import),
+torch_pt (.pt files; imports torch lazily, so reading or writing .pt needs
+torch installed). jaxgpt/convert.py is the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from gptcore.config import ModelConfig
+
+
+class FormatError(ValueError):
+    """A checkpoint that cannot be read, written or expressed; one line naming the key or field."""
+
+
+@dataclass
+class Checkpoint:
+    cfg: ModelConfig
+    tensors: Mapping[str, np.ndarray]  # our torch-style names; may load lazily, one tensor per access
+    tokenizer: Path | None = None  # a tokenizer.json to copy along
+
+
+def dtype_name(tensors: Mapping[str, np.ndarray]) -> str:
+    """The floating dtype of the weights, as HF's config.json spells it ("float32", "bfloat16")."""
+    first = tensors[next(iter(tensors))]
+    return str(np.dtype(first.dtype).name)

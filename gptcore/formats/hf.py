@@ -1,0 +1,299 @@
+"""Hugging Face model directories: GPT-2, Llama and Mixtral, both directions.
+
+A directory holds config.json, model.safetensors (or a sharded index, or a
+pytorch_model.bin, read with weights_only) and, optionally, tokenizer.json.
+Configs are translated field by field; a choice of ours that the target
+architecture cannot express is a one-line FormatError naming the field.
+
+Layouts: GPT-2's Conv1D stores weights (in, out), ours are torch Linear's
+(out, in); its c_attn is fused [q | k | v] like our qkv_proj. HF Llama's RoPE
+is rotate-half like ours, so q_proj / k_proj need no permutation. Mixtral's
+router (softmax over all experts, top-k, renormalise) equals ours (softmax
+over the top-k logits); Mixtral has no router bias and no shared expert.
+transformers 5 holds Mixtral experts fused in memory (mlp.experts.gate_up_proj
+(E, 2F, C), down_proj (E, C, F)) but save_pretrained writes the per-expert
+block_sparse_moe.experts.{e}.w1/w2/w3 names; export writes those, import
+reads either.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from gptcore.config import ConfigError, ModelConfig
+from gptcore.formats import Checkpoint, FormatError, dtype_name, safetensors_io
+from gptcore.formats.keymap import (FUSE_QKV, QKV_BIASES, QKV_WEIGHTS, SPLIT_QKV, STACK_EXPERTS, STACK_GATE_UP,
+                                    TRANSPOSE, KeyMap, chain, from_foreign, to_foreign)
+
+ARCHS = ("gpt2", "llama", "mixtral")
+
+GPT2 = KeyMap("HF GPT-2", {
+    "tok_emb.weight": "transformer.wte.weight",
+    "pos_emb.weight": "transformer.wpe.weight",
+    "blocks.{}.norm1.weight": "transformer.h.{}.ln_1.weight",
+    "blocks.{}.norm1.bias": "transformer.h.{}.ln_1.bias",
+    "blocks.{}.attn.qkv_proj.weight": ("transformer.h.{}.attn.c_attn.weight", TRANSPOSE),
+    QKV_WEIGHTS: ("transformer.h.{}.attn.c_attn.weight", chain(FUSE_QKV, TRANSPOSE)),
+    "blocks.{}.attn.qkv_proj.bias": "transformer.h.{}.attn.c_attn.bias",
+    QKV_BIASES: ("transformer.h.{}.attn.c_attn.bias", FUSE_QKV),
+    "blocks.{}.attn.out_proj.weight": ("transformer.h.{}.attn.c_proj.weight", TRANSPOSE),
+    "blocks.{}.attn.out_proj.bias": "transformer.h.{}.attn.c_proj.bias",
+    "blocks.{}.norm2.weight": "transformer.h.{}.ln_2.weight",
+    "blocks.{}.norm2.bias": "transformer.h.{}.ln_2.bias",
+    "blocks.{}.mlp.up.weight": ("transformer.h.{}.mlp.c_fc.weight", TRANSPOSE),
+    "blocks.{}.mlp.up.bias": "transformer.h.{}.mlp.c_fc.bias",
+    "blocks.{}.mlp.down.weight": ("transformer.h.{}.mlp.c_proj.weight", TRANSPOSE),
+    "blocks.{}.mlp.down.bias": "transformer.h.{}.mlp.c_proj.bias",
+    "norm_f.weight": "transformer.ln_f.weight",
+    "norm_f.bias": "transformer.ln_f.bias",
+}, ignored=("transformer.h.{}.attn.bias", "transformer.h.{}.attn.masked_bias", "lm_head.weight"))
+
+_HF_QKV = ("model.layers.{}.self_attn.q_proj.weight", "model.layers.{}.self_attn.k_proj.weight",
+           "model.layers.{}.self_attn.v_proj.weight")
+_LLAMA_ATTENTION = {
+    "tok_emb.weight": "model.embed_tokens.weight",
+    "blocks.{}.norm1.weight": "model.layers.{}.input_layernorm.weight",
+    "blocks.{}.attn.q_proj.weight": _HF_QKV[0],
+    "blocks.{}.attn.k_proj.weight": _HF_QKV[1],
+    "blocks.{}.attn.v_proj.weight": _HF_QKV[2],
+    "blocks.{}.attn.q_proj.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "blocks.{}.attn.k_proj.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "blocks.{}.attn.v_proj.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "blocks.{}.attn.qkv_proj.weight": (_HF_QKV, SPLIT_QKV),
+    "blocks.{}.attn.qkv_proj.bias": (tuple(n.replace(".weight", ".bias") for n in _HF_QKV), SPLIT_QKV),
+    "blocks.{}.attn.out_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blocks.{}.attn.out_proj.bias": "model.layers.{}.self_attn.o_proj.bias",
+    "blocks.{}.norm2.weight": "model.layers.{}.post_attention_layernorm.weight",
+}
+_LLAMA_HEAD = {
+    "norm_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_ROTARY = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)  # a buffer in old checkpoints
+
+LLAMA = KeyMap("HF Llama", {
+    **_LLAMA_ATTENTION,
+    "blocks.{}.mlp.gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blocks.{}.mlp.gate.bias": "model.layers.{}.mlp.gate_proj.bias",
+    "blocks.{}.mlp.up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blocks.{}.mlp.up.bias": "model.layers.{}.mlp.up_proj.bias",
+    "blocks.{}.mlp.down.weight": "model.layers.{}.mlp.down_proj.weight",
+    "blocks.{}.mlp.down.bias": "model.layers.{}.mlp.down_proj.bias",
+    **_LLAMA_HEAD,
+}, ignored=_ROTARY)
+
+MIXTRAL = KeyMap("HF Mixtral", {
+    **_LLAMA_ATTENTION,
+    # what save_pretrained writes (exported)
+    "blocks.{}.mlp.router.weight": "model.layers.{}.block_sparse_moe.gate.weight",
+    "blocks.{}.mlp.experts.{}.gate.weight": "model.layers.{}.block_sparse_moe.experts.{}.w1.weight",
+    "blocks.{}.mlp.experts.{}.down.weight": "model.layers.{}.block_sparse_moe.experts.{}.w2.weight",
+    "blocks.{}.mlp.experts.{}.up.weight": "model.layers.{}.block_sparse_moe.experts.{}.w3.weight",
+    # transformers 5's in-memory names, imported when found (1-tuple keys: a dict needs distinct keys)
+    ("blocks.{}.mlp.router.weight",): "model.layers.{}.mlp.gate.weight",
+    ("blocks.{}.mlp.experts.{}.gate.weight", "blocks.{}.mlp.experts.{}.up.weight"):
+        ("model.layers.{}.mlp.experts.gate_up_proj", STACK_GATE_UP),
+    ("blocks.{}.mlp.experts.{}.down.weight",): ("model.layers.{}.mlp.experts.down_proj", STACK_EXPERTS),
+    **_LLAMA_HEAD,
+}, ignored=_ROTARY)
+
+KEYMAPS = {"gpt2": GPT2, "llama": LLAMA, "mixtral": MIXTRAL}
+_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
+_GPT2_ACTS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+_GPT2_ACTS_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+# -- configs -------------------------------------------------------------------
+
+def default_arch(cfg: ModelConfig) -> str:
+    """The HF architecture an export targets unless one is named."""
+    if cfg.is_moe:
+        return "mixtral"
+    return "gpt2" if cfg.position == "learned" else "llama"
+
+
+def _require(cfg: ModelConfig, arch: str, checks: list[tuple[bool, str, str]]) -> None:
+    for ok, field, why in checks:
+        if not ok:
+            raise FormatError(f"cannot express {field}={getattr(cfg, field)!r} in HF {arch}: {why}")
+
+
+def config_to_hf(cfg: ModelConfig, arch: str, dtype: str) -> dict:
+    """Our config -> an HF config.json dict for `arch`; FormatError names a field `arch` cannot express."""
+    c = cfg
+    if arch not in ARCHS:
+        raise FormatError(f"unknown HF architecture {arch!r} (choose from {', '.join(ARCHS)})")
+    common = {"architectures": [_CLASSES[arch]], "model_type": arch, "vocab_size": c.vocab_size,
+              "initializer_range": c.init_std, "tie_word_embeddings": c.tie_embeddings, "dtype": dtype,
+              "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if arch == "gpt2":
+        _require(c, arch, [
+            (c.position == "learned", "position", "GPT-2 has learned positions"),
+            (c.norm == "layernorm", "norm", "GPT-2 uses LayerNorm"),
+            (c.norm_bias, "norm_bias", "GPT-2's LayerNorms have biases"),
+            (c.norm_placement == "pre", "norm_placement", "GPT-2 is pre-norm"),
+            (c.mlp in _GPT2_ACTS, "mlp", "GPT-2's MLP is not gated"),
+            (not c.is_moe, "n_experts", "GPT-2 has no mixture of experts"),
+            (c.n_kv_heads == c.n_heads, "n_kv_heads", "GPT-2 has no grouped-query attention"),
+            (c.head_dim * c.n_heads == c.d_model, "head_dim", "GPT-2's head_dim is d_model // n_heads"),
+            (c.qkv_bias, "qkv_bias", "GPT-2's c_attn has a bias"),
+            (c.out_bias, "out_bias", "GPT-2's c_proj has a bias"),
+            (c.mlp_bias, "mlp_bias", "GPT-2's MLP has biases"),
+            (c.tie_embeddings, "tie_embeddings", "GPT-2 ties lm_head to wte"),
+            (not c.lm_head_bias, "lm_head_bias", "GPT-2's lm_head has no bias"),
+        ])
+        return {**common, "n_positions": c.context_length, "n_embd": c.d_model, "n_layer": c.n_layers,
+                "n_head": c.n_heads, "n_inner": c.d_ff, "activation_function": _GPT2_ACTS[c.mlp],
+                "layer_norm_epsilon": c.norm_eps, "embd_pdrop": c.embd_dropout, "attn_pdrop": c.attn_dropout,
+                "resid_pdrop": c.resid_dropout, "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+    _require(c, arch, [
+        (c.position == "rope", "position", f"{arch} uses rotary positions"),
+        (c.norm == "rmsnorm", "norm", f"{arch} uses RMSNorm"),
+        (c.norm_placement == "pre", "norm_placement", f"{arch} is pre-norm"),
+        (c.mlp == "swiglu", "mlp", f"{arch}'s MLP is SwiGLU"),
+        (c.qkv_bias == c.out_bias, "out_bias", f"{arch}'s attention_bias covers q, k, v and o alike"),
+        (not c.lm_head_bias, "lm_head_bias", f"{arch}'s lm_head has no bias"),
+    ])
+    out = {**common, "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layers,
+           "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+           "hidden_act": "silu", "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps,
+           "rope_theta": c.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
+           "attention_dropout": c.attn_dropout}
+    if arch == "llama":
+        _require(c, arch, [(not c.is_moe, "n_experts", "Llama has no mixture of experts (use mixtral)")])
+        return {**out, "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
+    _require(c, arch, [
+        (c.is_moe, "n_experts", "Mixtral is a mixture of experts (use llama)"),
+        (not c.router_bias, "router_bias", "Mixtral's router has no bias"),
+        (not c.shared_expert, "shared_expert", "Mixtral has no shared expert"),
+        (not c.mlp_bias, "mlp_bias", "Mixtral's experts have no biases"),
+        (not c.qkv_bias, "qkv_bias", "Mixtral's attention has no biases"),
+    ])
+    return {**out, "num_local_experts": c.n_experts, "num_experts_per_tok": c.top_k,
+            "router_aux_loss_coef": c.aux_loss_coef, "output_router_logits": False, "sliding_window": None}
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """An HF config.json dict (gpt2, llama or mixtral) -> our config."""
+    arch = hf.get("model_type")
+    if arch not in ARCHS:
+        raise FormatError(f"{where}: model_type {arch!r} is not supported (only {', '.join(ARCHS)})")
+
+    def need(field, ok, why):
+        if not ok:
+            raise FormatError(f"{where}: {field}={hf.get(field)!r} is not supported ({why})")
+
+    try:
+        if arch == "gpt2":
+            act = hf.get("activation_function", "gelu_new")
+            need("activation_function", act in _GPT2_ACTS_IN, f"one of {', '.join(_GPT2_ACTS_IN)}")
+            need("scale_attn_weights", hf.get("scale_attn_weights", True), "scores are always scaled")
+            need("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx"), "no layer scaling")
+            need("add_cross_attention", not hf.get("add_cross_attention"), "decoder-only")
+            need("tie_word_embeddings", hf.get("tie_word_embeddings", True), "GPT-2 ties lm_head to wte")
+            return ModelConfig(
+                vocab_size=hf["vocab_size"], context_length=hf["n_positions"], d_model=hf["n_embd"],
+                n_layers=hf["n_layer"], n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+                position="learned", qkv_fused=True, qkv_bias=True, out_bias=True, mlp=_GPT2_ACTS_IN[act],
+                mlp_bias=True, norm="layernorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+                tie_embeddings=True, embd_dropout=float(hf.get("embd_pdrop", 0.0)),
+                attn_dropout=float(hf.get("attn_pdrop", 0.0)), resid_dropout=float(hf.get("resid_pdrop", 0.0)),
+                init_std=float(hf.get("initializer_range", 0.02)))
+        need("hidden_act", hf.get("hidden_act", "silu") == "silu", "SwiGLU with silu")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        need("rope_parameters", rope.get("rope_type", rope.get("type", "default")) == "default",
+             "plain RoPE, no scaling")
+        theta = rope.get("rope_theta") or hf.get("rope_theta") or (1e6 if arch == "mixtral" else 1e4)
+        heads = hf["num_attention_heads"]
+        common = dict(
+            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, d_ff=hf["intermediate_size"],
+            position="rope", rope_base=float(theta), qkv_fused=False, mlp="swiglu", norm="rmsnorm",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attn_dropout=float(hf.get("attention_dropout", 0.0)),
+            init_std=float(hf.get("initializer_range", 0.02)))
+        if arch == "llama":
+            bias = bool(hf.get("attention_bias", False))
+            return ModelConfig(**common, context_length=hf.get("max_position_embeddings", 2048),
+                               norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=bias, out_bias=bias,
+                               mlp_bias=bool(hf.get("mlp_bias", False)))
+        need("sliding_window", hf.get("sliding_window") is None, "full attention only")
+        return ModelConfig(**common, context_length=hf.get("max_position_embeddings", 4096 * 32),
+                           norm_eps=float(hf.get("rms_norm_eps", 1e-5)), n_experts=hf["num_local_experts"],
+                           top_k=hf.get("num_experts_per_tok", 2),
+                           aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    except KeyError as e:
+        raise FormatError(f"{where}: config.json has no {e.args[0]!r}") from None
+    except ConfigError as e:
+        raise FormatError(f"{where}: {e}") from None
+
+
+# -- directories -----------------------------------------------------------------
+
+class _Prefixed(Mapping):
+    """Old GPT-2 files name weights without the "transformer." prefix (h.0..., wte.weight)."""
+
+    def __init__(self, inner: Mapping):
+        self._inner = inner
+        self._names = {("" if n == "lm_head.weight" else "transformer.") + n: n for n in inner}
+
+    def __getitem__(self, name):
+        return self._inner[self._names[name]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+def _weights(directory: Path) -> Mapping[str, np.ndarray]:
+    if (directory / "model.safetensors").is_file():
+        return safetensors_io.SafetensorsFile(directory / "model.safetensors")
+    if (directory / "model.safetensors.index.json").is_file():
+        return safetensors_io.ShardedSafetensors(directory / "model.safetensors.index.json")
+    if (directory / "pytorch_model.bin").is_file():
+        from gptcore.formats import torch_pt
+        return torch_pt.load(directory / "pytorch_model.bin")
+    raise FormatError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def read(directory: str | Path) -> Checkpoint:
+    directory = Path(directory)
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FormatError(f"{directory}: unreadable config.json ({e.__class__.__name__})") from None
+    cfg = config_from_hf(hf, str(directory))
+    foreign = _weights(directory)
+    keymap = KEYMAPS[hf["model_type"]]
+    if hf["model_type"] == "gpt2" and not any(n.startswith("transformer.") for n in foreign):
+        foreign = _Prefixed(foreign)
+    if cfg.tie_embeddings:  # a tied checkpoint may still carry the head's copy
+        keymap = keymap._replace(ignored=keymap.ignored + ("lm_head.weight",))
+    tokenizer = directory / "tokenizer.json"
+    return Checkpoint(cfg, from_foreign(foreign, keymap, cfg, str(directory)),
+                      tokenizer if tokenizer.is_file() else None)
+
+
+def write(directory: str | Path, ckpt: Checkpoint, arch: str | None = None) -> None:
+    """Write an HF directory at `directory` (which must not exist yet)."""
+    directory = Path(directory)
+    arch = arch or default_arch(ckpt.cfg)
+    config = config_to_hf(ckpt.cfg, arch, dtype_name(ckpt.tensors))
+    pairs = to_foreign(ckpt.tensors, KEYMAPS[arch], ckpt.cfg)
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    safetensors_io.write(directory / "model.safetensors", pairs, {"format": "pt"})
+    if ckpt.tokenizer is not None:
+        shutil.copyfile(ckpt.tokenizer, directory / "tokenizer.json")
+        (directory / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.cfg.context_length},
+            indent=2) + "\n")
