@@ -14,11 +14,12 @@ import tomllib
 from pathlib import Path
 
 from gptcore.config import ConfigError, ModelConfig
+from gptcore.train_config import DataConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# section name -> dataclass; other modules register theirs (the trainer adds "train").
-SECTIONS: dict[str, type] = {"model": ModelConfig}
+# section name -> dataclass of a preset's [section] table.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
 
 def preset_names() -> list[str]:

@@ -5,6 +5,9 @@ A model directory holds
     config.json      {"format": "jaxgpt", "model": {...ModelConfig fields...}}
     tokenizer.json   the HF `tokenizers` file the model was trained with (optional)
     params/          the parameter tree, saved by orbax's StandardCheckpointer
+    model.safetensors  the same weights with torchgpt's state_dict names, so
+                     torchgpt (which never imports jax) reads every model
+                     directory; a directory with only this file loads here too
 
 `save_model` writes into a temporary sibling and renames it into place, so a
 crash never leaves a half-written directory under the final name, and it
@@ -20,13 +23,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import safetensors.numpy
 
 from gptcore.config import ModelConfig
-from jaxgpt.model import param_shapes, stack_layers, unstack_layers
+from jaxgpt.model import param_shapes, params_from_state_dict, stack_layers, state_dict_from_params, unstack_layers
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 PARAMS_DIR = "params"
+RUN_MODEL_DIR = "model"  # jaxgpt.train exports a run's model to OUT_DIR/model
+SAFETENSORS_FILE = "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -48,6 +54,8 @@ def save_model(directory: str | Path, params, cfg: ModelConfig, tokenizer_file: 
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / PARAMS_DIR, jax.device_get(unstack_layers(params)))
         ckptr.wait_until_finished()
+    safetensors.numpy.save_file(state_dict_from_params(unstack_layers(params)), tmp / SAFETENSORS_FILE,
+                                metadata={"format": "pt"})
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
@@ -66,15 +74,25 @@ def read_model_config(directory: str | Path) -> ModelConfig:
 
 
 def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[ModelConfig, dict, Path | None]:
-    """(config, params, tokenizer.json path or None) of a model directory.
+    """(config, params, tokenizer.json path or None) of a model directory,
+    or of a training run directory holding one as model/.
 
     Params are stored unrolled (blocks_0, blocks_1, ...); scan_layers=True
     stacks them for a scanned model.
     """
 
     directory = Path(directory).absolute()
+    weights = (PARAMS_DIR, SAFETENSORS_FILE)
+    if not any((directory / w).exists() for w in weights) and (directory / RUN_MODEL_DIR / CONFIG_FILE).is_file():
+        directory = directory / RUN_MODEL_DIR  # a training run directory: its exported model
     cfg = read_model_config(directory)
     target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(cfg))
+    if not (directory / PARAMS_DIR).is_dir() and (directory / SAFETENSORS_FILE).is_file():
+        try:  # a directory written by torchgpt.checkpoint.save_model
+            params = params_from_state_dict(safetensors.numpy.load_file(directory / SAFETENSORS_FILE), cfg)
+        except Exception as e:  # safetensors / WeightsError: truncated or foreign file
+            raise CheckpointError(f"{directory}: cannot read {SAFETENSORS_FILE} ({e.__class__.__name__}: {e})") from None
+        return _finish(directory, cfg, params, scan_layers)
     if not (directory / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory")
     try:
@@ -83,6 +101,10 @@ def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[Mod
     except Exception as e:  # orbax raises many types for truncated / foreign files
         raise CheckpointError(f"{directory}: cannot restore params ({e.__class__.__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return _finish(directory, cfg, params, scan_layers)
+
+
+def _finish(directory: Path, cfg: ModelConfig, params, scan_layers: bool):
     if scan_layers:
         params = stack_layers(params, cfg.n_layers)
     tokenizer = directory / TOKENIZER_FILE

@@ -1,0 +1,177 @@
+"""The training and data configs shared by both trainers, and the LR schedule.
+
+Imports neither JAX nor PyTorch: `jaxgpt.train` and `torchgpt.train` read the
+same `TrainConfig` / `DataConfig` (the [train] and [data] tables of a preset)
+and take their learning rate from the same `lr_at`, so the two trainers
+cannot disagree on a default or on the off-by-one of a schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from gptcore.config import ConfigError
+
+DECAYS = ("matrices", "all", "none")
+DTYPES = ("float32", "bfloat16")
+PARALLELS = ("single", "pmap", "mesh")
+TOKENIZERS = ("char", "bpe")
+SAMPLERS = ("random", "sliding")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, evaluation, checkpointing and parallelism of one run.
+
+    One optimizer step sees batch_size * grad_accum sequences (global, over
+    all devices): grad_accum micro-batches of batch_size whose gradients are
+    accumulated before the update.
+    """
+
+    # batch and length
+    batch_size: int = 64  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000  # optimizer steps
+
+    # learning rate: see lr_at
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None  # step at which the cosine reaches min_lr; None: max_steps
+
+    # AdamW (decoupled weight decay), every hyperparameter explicit: the
+    # optax and torch defaults differ (weight decay 1e-4 vs 1e-2)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay: str = "matrices"  # "matrices": nanoGPT, every ndim >= 2 tensor (Linear and Embedding
+    # weights) decays, biases and norm gains do not; "all"; "none"
+    grad_clip: float = 1.0  # max global grad norm (torch's clip_grad_norm_ formula); 0: off
+
+    # numerics and randomness
+    dtype: str = "float32"  # compute dtype; "bfloat16" keeps float32 master weights
+    seed: int = 1337  # init, batches and dropout
+
+    # evaluation, early stopping, logging
+    eval_interval: int = 250  # steps between val evaluations (and checkpoints)
+    eval_batches: int = 20  # batches per evaluation
+    patience: int = 0  # stop after this many evaluations without improvement; 0: never
+    min_delta: float = 0.0  # an improvement must lower the best val loss by more than this
+    log_interval: int = 10  # steps between metrics.jsonl records
+
+    # outputs
+    out_dir: str = "out"
+    keep_checkpoints: int = 2  # latest checkpoints kept (the best one is kept as well)
+    init_from: str | None = None  # model or run directory to fine-tune from (params only)
+    sample_tokens: int = 200  # tokens sampled at the end of training; 0: none
+    sample_temperature: float = 0.8
+
+    # parallelism
+    parallel: str = "single"  # "single" device, "pmap" data parallel, "mesh" (data x fsdp) jit
+    fsdp: int = 1  # size of the mesh's "fsdp" axis (parameter sharding); mesh only
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_values(self)
+
+    @property
+    def decay_steps(self) -> int:
+        return self.max_steps if self.lr_decay_steps is None else self.lr_decay_steps
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes batches."""
+
+    corpus: str = "shakespeare"  # gptcore.data.corpus_from_spec: shakespeare | tinyshakespeare | gutenberg | path
+    tokenizer: str = "char"  # "char" or byte-level "bpe"
+    bpe_vocab_size: int = 2048
+    val_fraction: float = 0.1  # the tail of the token stream held out for validation
+    sampler: str = "random"  # "random" windows (nanoGPT) or "sliding" windows (seed 003)
+    stride: int | None = None  # sliding windows' stride; None: block_size
+    cache_dir: str = "~/.cache/jaxgpt"  # downloaded corpora
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_values(self)
+
+    def replace(self, **changes) -> "DataConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based: the first update uses
+    lr_at(0)). nanoGPT's get_lr exactly:
+
+    - linear warmup for step < warmup_steps: lr * (step + 1) / (warmup_steps + 1),
+      so the first step already moves (lr / (warmup + 1)) and none reaches lr;
+    - step >= decay_steps: min_lr;
+    - in between, cosine from lr (at step == warmup_steps) down to min_lr.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if step >= cfg.decay_steps:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_steps) / (cfg.decay_steps - cfg.warmup_steps)  # in [0, 1)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+_FIELD_TYPES = {"int": int, "int | None": int, "float": float, "bool": bool, "str": str, "str | None": str}
+_CHOICES = {"decay": DECAYS, "dtype": DTYPES, "parallel": PARALLELS, "tokenizer": TOKENIZERS,
+            "sampler": SAMPLERS}
+
+
+def _check_types(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None and f.type.endswith("| None"):
+            continue
+        expected = _FIELD_TYPES[f.type]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))
+            continue
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{f.name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+        if f.name in _CHOICES and value not in _CHOICES[f.name]:
+            raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(_CHOICES[f.name])}")
+
+
+def _check_values(c) -> None:
+    def require(cond: bool, field: str, why: str):
+        if not cond:
+            raise ConfigError(f"{field}: {why} (got {getattr(c, field)!r})")
+
+    if isinstance(c, DataConfig):
+        require(c.bpe_vocab_size > 0, "bpe_vocab_size", "must be positive")
+        require(0.0 < c.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
+        require(c.stride is None or c.stride > 0, "stride", "must be positive")
+        return
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
+                 "keep_checkpoints", "fsdp"):
+        require(getattr(c, name) > 0, name, "must be positive")
+    for name in ("warmup_steps", "patience", "sample_tokens"):
+        require(getattr(c, name) >= 0, name, "must be >= 0")
+    require(c.lr > 0.0, "lr", "must be positive")
+    require(0.0 <= c.min_lr <= c.lr, "min_lr", f"must be in [0, lr={c.lr}]")
+    require(c.lr_decay_steps is None or c.lr_decay_steps >= c.warmup_steps, "lr_decay_steps",
+            f"must be >= warmup_steps={c.warmup_steps}")
+    require(0.0 <= c.beta1 < 1.0, "beta1", "must be in [0, 1)")
+    require(0.0 <= c.beta2 < 1.0, "beta2", "must be in [0, 1)")
+    require(c.adam_eps > 0.0, "adam_eps", "must be positive")
+    require(c.weight_decay >= 0.0, "weight_decay", "must be >= 0")
+    require(c.grad_clip >= 0.0, "grad_clip", "must be >= 0 (0 turns clipping off)")
+    require(c.min_delta >= 0.0, "min_delta", "must be >= 0")
+    require(c.sample_temperature >= 0.0, "sample_temperature", "must be >= 0 (0: greedy)")
+    require(c.fsdp == 1 or c.parallel == "mesh", "fsdp", "parameter sharding needs train.parallel = \"mesh\"")

@@ -1,0 +1,148 @@
+"""Data and parameter parallelism for jaxgpt.train.
+
+Two runners with SingleDevice's methods (place_state, place_batch, step,
+eval_params, checkpoint_state, metrics):
+
+- PmapRunner: classic data parallelism. The state is replicated on every
+  local device, each device takes a slice of every micro-batch, and
+  `step_fn(..., axis_name="data")` sums gradients, nll and token counts
+  over devices before one identical update everywhere.
+- MeshRunner: one `jit` over a Mesh with axes ("data", "fsdp"). The batch
+  is split over both axes; params and optimizer state are split FSDP-style
+  over "fsdp" along their largest axis that "fsdp" divides (replicated
+  otherwise). XLA inserts the all-gathers and reduce-scatters; the program
+  is the single-device step_fn, so the result is the same function.
+
+Multi-host: after jax.distributed.initialize the mesh spans every process's
+devices and each process feeds only its rows of the global batch
+(jax.make_array_from_process_local_data).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxgpt.train import Batch, TrainState, step_fn
+
+AXES = ("data", "fsdp")
+
+
+class PmapRunner:
+    """Data parallelism over the local devices with jax.pmap."""
+
+    def __init__(self, devices=None):
+        self.devices = devices or jax.local_devices()
+        self.n_devices = len(self.devices)
+        self._step = jax.pmap(functools.partial(step_fn, axis_name="data"), axis_name="data",
+                              devices=self.devices, in_axes=(0, 0, None), donate_argnums=0)
+
+    def place_state(self, state: TrainState) -> TrainState:
+        """One copy per device on a leading axis (pmap distributes it on the first step)."""
+        n = self.n_devices
+        return jax.tree_util.tree_map(lambda a: np.broadcast_to(np.asarray(a), (n, *np.shape(a))),
+                                      jax.device_get(state))
+
+    def place_batch(self, batch) -> Batch:
+        """(A, B, T) -> (n_devices, A, B / n_devices, T): device d takes rows d*B/n.. of every micro-batch."""
+        def split(a):
+            A, B = a.shape[:2]
+            if B % self.n_devices:
+                raise ValueError(f"train.batch_size {B} is not divisible by the {self.n_devices} devices")
+            return np.swapaxes(a.reshape(A, self.n_devices, B // self.n_devices, *a.shape[2:]), 0, 1)
+        return tuple(split(np.asarray(a)) for a in batch)
+
+    def step(self, state: TrainState, batch: Batch, rng: jax.Array):
+        return self._step(state, batch, rng)
+
+    def eval_params(self, state: TrainState):
+        return jax.tree_util.tree_map(lambda a: a[0], state.params)
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        return jax.tree_util.tree_map(lambda a: a[0], state)
+
+    def metrics(self, metrics: dict) -> dict:
+        return {k: float(v[0]) for k, v in metrics.items()}
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Shard the largest axis that `fsdp` divides (ties: the first); replicate
+    scalars and arrays with no such axis."""
+    if fsdp == 1 or not shape:
+        return P()
+    candidates = [(size, -i) for i, size in enumerate(shape) if size % fsdp == 0]
+    if not candidates:
+        return P()
+    axis = -max(candidates)[1]
+    return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over all (global) devices, data = n_devices / fsdp."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    if devices.size % fsdp:
+        raise ValueError(f"train.fsdp = {fsdp} does not divide the {devices.size} devices")
+    return Mesh(devices.reshape(devices.size // fsdp, fsdp), AXES)
+
+
+class MeshRunner:
+    """jit over a ("data", "fsdp") mesh: data parallel and FSDP in one program."""
+
+    def __init__(self, fsdp: int = 1, devices=None):
+        self.mesh = make_mesh(fsdp, devices)
+        self.fsdp = fsdp
+        self.n_devices = self.mesh.devices.size
+        self.batch_sharding = NamedSharding(self.mesh, P(None, AXES, None))  # (A, B, T): B over every device
+        self.replicated = NamedSharding(self.mesh, P())
+        self._step = None
+
+    def state_sharding(self, state: TrainState) -> TrainState:
+        return jax.tree_util.tree_map(lambda a: NamedSharding(self.mesh, fsdp_spec(a.shape, self.fsdp)), state)
+
+    def place_state(self, state: TrainState) -> TrainState:
+        sharding = self.state_sharding(state)
+        self._step = jax.jit(step_fn, in_shardings=(sharding, self.batch_sharding, self.replicated),
+                             out_shardings=(sharding, self.replicated), donate_argnums=0)
+        if jax.process_count() == 1:
+            return jax.device_put(state, sharding)
+        # every process holds the whole (host) state; each keeps its shards
+        return jax.tree_util.tree_map(
+            lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]),
+            state, sharding)
+
+    def place_batch(self, batch) -> Batch:
+        """Each process passes only the rows its devices hold."""
+        arrays = []
+        for a in batch:
+            a = np.asarray(a)
+            if a.shape[1] % self.n_devices:
+                raise ValueError(f"train.batch_size {a.shape[1]} is not divisible by the {self.n_devices} devices")
+            rows = sorted({idx[1].indices(a.shape[1])[:2] for idx in
+                           self.batch_sharding.addressable_devices_indices_map(a.shape).values()})
+            local = np.concatenate([a[:, start:stop] for start, stop in rows], axis=1)
+            arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, local, a.shape))
+        return tuple(arrays)
+
+    def step(self, state: TrainState, batch: Batch, rng: jax.Array):
+        return self._step(state, batch, jax.device_put(rng, self.replicated))
+
+    def eval_params(self, state: TrainState):
+        return state.params
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        return state
+
+    def metrics(self, metrics: dict) -> dict:
+        return {k: float(v) for k, v in metrics.items()}
+
+
+def gather(tree):
+    """A (possibly multi-host sharded) pytree as host numpy arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+

@@ -1,0 +1,417 @@
+"""Training in JAX: `python -m jaxgpt.train --config PRESET key=value ... [--resume]`.
+
+Parallel text: torchgpt/train.py (same config, schedule, decay mask, clipping
+formula, gradient accumulation and batches). One optimizer step:
+
+    grads = sum over A micro-batches of d/dparams [ sum_valid nll / N_valid_total + coef * aux / A ]
+    grads = grads * min(1, clip / (|grads| + 1e-6))          # torch's clip_grad_norm_
+    params = AdamW(lr_at(step), betas, eps, weight_decay on matrices only)(grads)
+
+The whole mutable state of a run is one pytree (`TrainState`: step, params,
+opt_state); batches and dropout keys are pure functions of (seed, step), so
+a checkpoint of the state is all a run needs to continue bit-identically.
+
+Shape legend: A micro-batches per step, B batch, T block size, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct as struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from gptcore import training
+from gptcore.config import ModelConfig
+from gptcore.train_config import TrainConfig, lr_at
+from jaxgpt import ops
+from jaxgpt.checkpoint import CheckpointError, load_model, save_model
+from jaxgpt.model import GPT, count_params, init_params
+
+Batch = tuple[jax.Array, jax.Array, jax.Array]  # x, y int32 and valid bool, each (A, B, T)
+
+
+# -- optimizer ----------------------------------------------------------------------
+def decay_mask(params, decay: str = "matrices"):
+    """True where weight decay applies. "matrices" is nanoGPT's rule (every
+    tensor with ndim >= 2 in the torch layout): Dense kernels and embeddings
+    decay; biases, norm gains and the lm_head bias do not. Named by leaf, not
+    by ndim, because stacked layers (scan) and experts (vmap) add an axis."""
+    def leaf_decays(path, _):
+        return decay == "all" or (decay == "matrices" and path[-1].key in ("kernel", "embedding"))
+    return jax.tree_util.tree_map_with_path(leaf_decays, params)
+
+
+def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: grads * min(1, max_norm / (norm + 1e-6)).
+    (optax.clip_by_global_norm has no epsilon and skips the multiply when
+    norm <= max_norm.)"""
+    def update_fn(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """gptcore.train_config.lr_at as a traceable function of the update count
+    (optax passes 0 to the first update, as lr_at expects)."""
+    return _schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
+
+
+@functools.lru_cache  # equal hyperparameters share one schedule and optimizer, hence one compiled step
+def _schedule(lr: float, min_lr: float, warmup: int, decay_steps: int) -> optax.Schedule:
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32)
+        warm = lr * (step + 1.0) / (warmup + 1.0)
+        ratio = jnp.clip((step - warmup) / max(decay_steps - warmup, 1), 0.0, 1.0)
+        cosine = min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (lr - min_lr)
+        return jnp.where(step < warmup, warm, jnp.where(step >= decay_steps, min_lr, cosine))
+    return schedule
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Clipping, then AdamW with every hyperparameter explicit (optax's
+    weight_decay default is 1e-4, torch's 1e-2)."""
+    return _optimizer(lr_schedule(cfg), cfg.beta1, cfg.beta2, cfg.adam_eps, cfg.weight_decay, cfg.decay,
+                      cfg.grad_clip)
+
+
+@functools.lru_cache
+def _optimizer(schedule, b1, b2, eps, weight_decay, decay, grad_clip) -> optax.GradientTransformation:
+    adamw = optax.adamw(learning_rate=schedule, b1=b1, b2=b2, eps=eps, eps_root=0.0, weight_decay=weight_decay,
+                        mask=functools.partial(decay_mask, decay=decay))
+    if grad_clip > 0:
+        return optax.chain(clip_grad_norm(grad_clip), adamw)
+    return adamw
+
+
+# -- state and steps ----------------------------------------------------------------
+class TrainState(struct.PyTreeNode):
+    """Everything a training step changes. `model` and `tx` are static (part
+    of the tree structure), so one jit of train_step serves every run that
+    shares them."""
+    step: jax.Array  # () int32, optimizer steps taken
+    params: Any
+    opt_state: Any
+    model: GPT = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    schedule: optax.Schedule = struct.field(pytree_node=False)  # the lr of tx, for the metrics
+
+
+def create_state(model: GPT, params, cfg: TrainConfig) -> TrainState:
+    tx = make_optimizer(cfg)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), model=model,
+                      tx=tx, schedule=lr_schedule(cfg))
+
+
+def loss_fn(params, model: GPT, x, y, valid, rng, n_total, n_micro):
+    """The micro-batch's share of the step's objective: its summed nll over
+    the step's N valid positions (so A micro-batches add up to the big
+    batch's mean) plus its share of the MoE load-balancing loss."""
+    out = model.apply({"params": params}, x, valid=valid, deterministic=False, rngs={"dropout": rng})
+    n = valid.sum().astype(jnp.float32)
+    nll_sum = ops.cross_entropy(out.logits, y, valid) * n
+    objective = nll_sum / n_total + model.cfg.aux_loss_coef * out.aux_loss / n_micro
+    return objective, (nll_sum, out.aux_loss)
+
+
+def step_fn(state: TrainState, batch: Batch, rng: jax.Array, axis_name: str | None = None):
+    """One optimizer step on `batch` (A micro-batches, gradients accumulated
+    in float32). Under pmap (`axis_name`) each device holds a slice of every
+    micro-batch; gradients, nll and token counts are summed over devices."""
+    x, y, valid = batch  # (A, B, T) each
+    n_micro = x.shape[0]
+    n_total = valid.sum().astype(jnp.float32)
+    n_shards = 1
+    if axis_name is not None:
+        n_total = jax.lax.psum(n_total, axis_name)
+        n_shards = jax.lax.psum(1, axis_name)
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    n_total = jnp.maximum(n_total, 1.0)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_step(grads, inputs):
+        i, xi, yi, vi = inputs
+        (_, (nll_sum, aux)), g = grad_fn(state.params, state.model, xi, yi, vi, jax.random.fold_in(rng, i),
+                                         n_total, n_micro * n_shards)
+        return jax.tree_util.tree_map(jnp.add, grads, g), (nll_sum, aux)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    grads, (nll_sums, auxs) = jax.lax.scan(micro_step, zeros, (jnp.arange(n_micro), x, y, valid))
+    nll_sum, aux = nll_sums.sum(), auxs.mean()
+    if axis_name is not None:
+        grads = jax.lax.psum(grads, axis_name)
+        nll_sum = jax.lax.psum(nll_sum, axis_name)
+        aux = jax.lax.pmean(aux, axis_name)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": nll_sum / n_total, "aux_loss": aux, "grad_norm": optax.tree.norm(grads),
+               "lr": state.schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+train_step = jax.jit(step_fn, donate_argnums=0)
+train_step.__doc__ = "step_fn jitted, the state donated: (state, batch (A, B, T) x3, rng) -> (state, metrics)."
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def eval_loss(model: GPT, params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean next-token loss of one (B, T) batch, dropout off."""
+    return ops.cross_entropy(model.apply({"params": params}, x).logits, y)  # (B, T, V) -> ()
+
+
+class SingleDevice:
+    """Runs the step on the default device. parallel.PmapRunner and
+    parallel.MeshRunner have the same methods."""
+    n_devices = 1
+
+    def place_state(self, state: TrainState) -> TrainState:
+        return jax.device_put(state)
+
+    def place_batch(self, batch) -> Batch:
+        return tuple(jnp.asarray(a) for a in batch)
+
+    def step(self, state: TrainState, batch: Batch, rng: jax.Array):
+        return train_step(state, batch, rng)
+
+    def eval_params(self, state: TrainState):
+        """Params in the form eval_loss takes."""
+        return state.params
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        """The state in the form Checkpoints.save takes (one copy, not per device)."""
+        return state
+
+    def metrics(self, metrics: dict) -> dict:
+        return {k: float(v) for k, v in metrics.items()}
+
+
+def make_runner(cfg: TrainConfig):
+    if cfg.parallel == "single":
+        return SingleDevice()
+    from jaxgpt import parallel
+    return parallel.PmapRunner() if cfg.parallel == "pmap" else parallel.MeshRunner(cfg.fsdp)
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+    """The dropout key of optimizer step `step`: a function of (seed, step)
+    only, so a resumed run draws the same dropout masks."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+
+def evaluate(model: GPT, params, batches) -> float:
+    """Mean loss over the fixed evaluation batches."""
+    return float(np.mean([float(eval_loss(model, params, jnp.asarray(x), jnp.asarray(y))) for x, y in batches]))
+
+
+# -- checkpoints --------------------------------------------------------------------
+class Checkpoints:
+    """OUT_DIR/checkpoints: an orbax CheckpointManager of the train state
+    (step, params, opt_state) plus a JSON record of the loop's own state
+    (early stopping). Keeps the latest `keep` checkpoints and the best one
+    by val loss. Saves are synchronous, so a checkpoint that exists is
+    complete (orbax writes into a temporary directory and renames it)."""
+
+    def __init__(self, directory: Path, keep: int):
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(n=keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, loop_state: dict, val_loss: float) -> None:
+        step = int(state.step)
+        arrays = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                                        loop=ocp.args.JsonSave(loop_state)),
+                          metrics={"val_loss": val_loss}, force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """The checkpointed state (host arrays shaped like `state`'s) and loop state."""
+        step = self.manager.latest_step() if step is None else step
+        target = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
+                                        {"step": state.step, "params": state.params, "opt_state": state.opt_state})
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                      loop=ocp.args.JsonRestore()))
+        arrays = restored["state"]
+        return state.replace(step=arrays["step"], params=arrays["params"], opt_state=arrays["opt_state"]), \
+            dict(restored["loop"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# -- sampling -----------------------------------------------------------------------
+def sample(model: GPT, params, prompt_ids: list[int], n_tokens: int, temperature: float = 0.8,
+           seed: int = 0) -> list[int]:
+    """prompt_ids followed by n_tokens sampled ids (temperature 0: greedy).
+    A plain loop over full forwards of a fixed (1, T) window, compiled once;
+    jaxgpt.generate does this properly with a KV cache."""
+    T = model.cfg.context_length
+    ids = list(prompt_ids)
+    key = jax.random.PRNGKey(seed)
+    for i in range(n_tokens):
+        context = ids[-T:]
+        window = np.zeros((1, T), np.int32)  # (1, T), the context left-aligned
+        window[0, :len(context)] = context
+        next_id = _next_token(model, params, jnp.asarray(window), len(context), jax.random.fold_in(key, i),
+                              temperature)
+        ids.append(int(next_id))
+    return ids
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _next_token(model: GPT, params, window, length, key, temperature):
+    valid = jnp.arange(window.shape[1])[None, :] < length  # (1, T)
+    logits = model.apply({"params": params}, window, valid=valid).logits[0, length - 1]  # (V,)
+    greedy = jnp.argmax(logits)
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+# -- the run ------------------------------------------------------------------------
+def run(cfg: training.RunConfig, resume: bool = False) -> dict:
+    """Train as `cfg` says, writing the run directory train.out_dir; returns
+    a summary {"steps", "final_val_loss", "best_val_loss", "best_step", "stopped_early"}."""
+    from tqdm import tqdm
+
+    tc, dc = cfg.train, cfg.data
+    out = Path(tc.out_dir).expanduser()
+    lead = jax.process_index() == 0  # the process that writes files other than checkpoints
+    training.check_out_dir(out, resume)
+    text = training.load_corpus(dc)
+    loaded = None
+    if tc.init_from is not None and not resume:  # fine-tuning: params only, the optimizer starts afresh
+        loaded = load_model(tc.init_from)
+        if loaded[2] is None:
+            raise CheckpointError(f"{tc.init_from}: no tokenizer.json to fine-tune with")
+    tokenizer = training.setup_tokenizer(out, dc, text, resume, loaded[2] if loaded else None)
+    if loaded:
+        cfg.model = training.finetune_config(loaded[0], cfg.tables)
+    else:
+        cfg.model = training.model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
+    mc: ModelConfig = cfg.model
+    T = mc.context_length
+    if lead and not resume:
+        training.write_run_files(out, cfg, tokenizer)
+    train_tokens, val_tokens = training.prepare_data(out, dc, text, tokenizer)
+    checkpoints = Checkpoints(out / "checkpoints", tc.keep_checkpoints)
+
+    model = GPT(mc, dtype=jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32)
+    params = loaded[1] if loaded else init_params(mc, tc.seed)
+    state = create_state(model, params, tc)
+    stopper = training.EarlyStopping(tc.patience, tc.min_delta)
+    start = 0
+    if resume:
+        state, loop_state = checkpoints.restore(state)
+        stopper.load(loop_state["early_stopping"])
+        start = int(state.step)
+    log = training.MetricsLog(out / training.METRICS_FILE, start if resume else None)
+    runner = make_runner(tc)
+    state = runner.place_state(state)
+    batches = training.TrainBatches(train_tokens, T, tc, dc)
+    evals = training.val_batches(val_tokens, T, tc)
+    print(training.describe_budget(count_params(params), tc, T, len(train_tokens)))
+
+    if start == 0:
+        val = evaluate(model, runner.eval_params(state), evals)
+        lead and log.write({"step": 0, "val_loss": val})
+    tokens_per_step = tc.batch_size * tc.grad_accum * T
+    bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, disable=not lead,
+               dynamic_ncols=True, file=sys.stderr)
+    t0, last_logged = time.perf_counter(), start
+    done = start
+    for step in bar if not stopper.should_stop else ():
+        batch = runner.place_batch(batches.batch(step))
+        state, metrics = runner.step(state, batch, step_key(tc.seed, step))
+        done = step + 1
+        if done % tc.log_interval == 0 or done == tc.max_steps:
+            m = runner.metrics(metrics)
+            elapsed = time.perf_counter() - t0
+            m["tok_per_s"] = (done - last_logged) * tokens_per_step / max(elapsed, 1e-9)
+            t0, last_logged = time.perf_counter(), done
+            lead and log.write({"step": done, **m})
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tok_per_s']:.0f}")
+            if not math.isfinite(m["loss"]):
+                raise training.RunError(f"loss is {m['loss']} at step {done}: lower train.lr or check the data")
+        if done % tc.eval_interval == 0 or done == tc.max_steps:
+            val = evaluate(model, runner.eval_params(state), evals)
+            stopper.update(val, done)
+            lead and log.write({"step": done, "val_loss": val, "best_val_loss": stopper.best})
+            bar.write(f"step {done}: val loss {val:.4f} (best {stopper.best:.4f} at step {stopper.best_step})")
+            checkpoints.save(runner.checkpoint_state(state), {"early_stopping": stopper.state()}, val)
+            if stopper.should_stop:
+                bar.write(f"early stopping: no improvement > {tc.min_delta} in {tc.patience} evaluations")
+                break
+    bar.close()
+
+    final_val = [r["val_loss"] for r in training.read_metrics(out / training.METRICS_FILE) if "val_loss" in r][-1] \
+        if lead else stopper.best
+    best_params = jax.device_get(runner.eval_params(state))
+    if 0 <= stopper.best_step != int(done):  # the best checkpoint is an earlier one
+        best_params = checkpoints.restore(runner.checkpoint_state(state), stopper.best_step)[0].params
+    checkpoints.close()
+    if lead:
+        save_model(out / "model", best_params, mc, out / "tokenizer.json", overwrite=True)
+        training.plot_losses(out / training.METRICS_FILE, out / "loss.png")
+        print(f"val loss: final {final_val:.4f}, best {stopper.best:.4f} at step {stopper.best_step}; "
+              f"model in {out / 'model'}")
+        if tc.sample_tokens > 0:
+            text = write_sample(GPT(mc), best_params, tokenizer, tc, out / "sample.txt")
+            print(f"--- sample ---\n{text}")
+    return {"steps": done, "final_val_loss": final_val, "best_val_loss": stopper.best,
+            "best_step": stopper.best_step, "stopped_early": stopper.should_stop}
+
+
+def write_sample(model: GPT, params, tokenizer, tc: TrainConfig, path: Path) -> str:
+    """Sample tc.sample_tokens tokens after a newline (nanoGPT's start) into path."""
+    prompt = tokenizer.encode("\n") if tokenizer.kind == "char" and tokenizer.token_to_id("\n") is not None else [0]
+    ids = sample(model, params, prompt, tc.sample_tokens, tc.sample_temperature, tc.seed)
+    text = tokenizer.decode(ids)
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def init_distributed(args) -> None:
+    """Multi-host: jax.distributed.initialize from --coordinator /
+    --num-processes / --process-id, or JAXGPT_COORDINATOR / _NUM_PROCESSES /
+    _PROCESS_ID. CPU processes talk over gloo."""
+    import os
+    address = args.coordinator or os.environ.get("JAXGPT_COORDINATOR")
+    if not address:
+        return
+    num = args.num_processes or int(os.environ.get("JAXGPT_NUM_PROCESSES", "1"))
+    pid = args.process_id if args.process_id is not None else int(os.environ.get("JAXGPT_PROCESS_ID", "0"))
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = training.parse_args(argv, "python -m jaxgpt.train")
+    try:
+        init_distributed(args)
+        run(training.load_run_config(args.config, args.overrides, args.resume), args.resume)
+    except (*training.ERRORS, training.RunError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

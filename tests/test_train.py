@@ -1,0 +1,198 @@
+"""jaxgpt.train end to end on a tiny model: overfitting one batch, the CLI's
+outputs, kill -9 and --resume (bit-identical), early stopping, fine-tuning
+and one-line errors. The CLI runs in-process (main(argv)) so the compiled
+step is shared; only the run that gets killed is a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptcore import training
+from gptcore.config import ModelConfig
+from gptcore.tokenizer import Tokenizer
+from gptcore.train_config import TrainConfig
+from jaxgpt import train
+from jaxgpt.checkpoint import load_model
+from jaxgpt.model import GPT, init_params
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+PRESET = """
+[model]
+context_length = 32
+d_model = 32
+n_layers = 2
+n_heads = 4
+d_ff = 64
+[train]
+batch_size = 8
+max_steps = 20
+warmup_steps = 5
+eval_interval = 10
+eval_batches = 2
+log_interval = 5
+sample_tokens = 16
+[data]
+corpus = "{corpus}"
+"""
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory) -> Path:
+    """A tiny preset on the first 50k characters of tiny Shakespeare."""
+    root = tmp_path_factory.mktemp("train")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
+    path = root / "tiny.toml"
+    path.write_text(PRESET.format(corpus=corpus), encoding="utf-8")
+    return path
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in training.read_metrics(run_dir / "metrics.jsonl")
+            if "loss" in r]
+
+
+def test_overfit_one_batch():
+    """Seed 001's sanity check: a model that cannot drive one batch's loss to
+    ~0 has a bug (mask, loss shift, optimizer)."""
+    cfg = ModelConfig(vocab_size=16, context_length=16, d_model=64, n_layers=2, n_heads=4)
+    tc = TrainConfig(lr=3e-3, min_lr=3e-3, warmup_steps=0, weight_decay=0.0, grad_clip=1.0, max_steps=200)
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, 16, (1, 4, 17)).astype(np.int32)
+    batch = (jnp.asarray(seq[..., :-1]), jnp.asarray(seq[..., 1:]), jnp.ones((1, 4, 16), bool))
+    state = train.create_state(GPT(cfg), init_params(cfg, 0), tc)
+    first = None
+    for step in range(tc.max_steps):
+        state, m = train.train_step(state, batch, train.step_key(0, step))
+        first = float(m["loss"]) if first is None else first
+    assert first > 2.0 and float(m["loss"]) < 0.1
+
+
+@pytest.fixture(scope="module")
+def smoke_run(preset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    assert train.main(["--config", str(preset), f"train.out_dir={out}"]) == 0
+    return out
+
+
+def test_cli_run_writes_every_output(smoke_run):
+    out = smoke_run
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt", "data/train.bin",
+                 "model/config.json", "model/tokenizer.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert set(config) == {"model", "train", "data"}
+    tok = Tokenizer.load(out / "tokenizer.json")
+    assert config["model"]["vocab_size"] == tok.vocab_size  # taken from the tokenizer
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
+    assert steps == [10, 20]
+    records = training.read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20]
+    assert [s for s, *_ in losses(out)] == [5, 10, 15, 20]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "sample.txt").read_text()) > 16
+    cfg, params, tok_path = load_model(out)  # a run directory loads as its model/
+    assert cfg.vocab_size == tok.vocab_size and tok_path == out / "model" / "tokenizer.json"
+
+
+def test_fresh_run_refuses_an_existing_run(smoke_run, preset, capsys):
+    before = (smoke_run / "metrics.jsonl").read_bytes()
+    assert train.main(["--config", str(preset), f"train.out_dir={smoke_run}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--resume" in err and "\n" not in err
+    assert (smoke_run / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--config", "no_such_preset"], "no config file"),
+    (["train.lr=abc"], "lr"),
+    (["train.nope=1"], "unknown key train.nope"),
+    (["model.vocab_size=10", "data.corpus=/no/such/file.txt"], "does not exist"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_input_is_a_one_line_error(argv, needle, tmp_path, capsys):
+    try:
+        code = train.main(argv + [f"train.out_dir={tmp_path / 'run'}"])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_vocab_size_smaller_than_the_tokenizer_is_an_error(preset, tmp_path, capsys):
+    assert train.main(["--config", str(preset), "model.vocab_size=10", f"train.out_dir={tmp_path / 'r'}"]) == 2
+    assert "model.vocab_size = 10 is smaller than the tokenizer's" in capsys.readouterr().err
+
+
+def test_resume_without_a_checkpoint_is_an_error(preset, tmp_path, capsys):
+    assert train.main(["--config", str(preset), "--resume", f"train.out_dir={tmp_path / 'r'}"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_kill_and_resume_is_bit_identical(preset, tmp_path):
+    """A run killed with SIGKILL after a checkpoint and resumed ends with the
+    same parameters, bit for bit, as one that ran through, and logs the
+    same losses at every step."""
+    args = ["--config", str(preset), "train.max_steps=300", "train.eval_interval=20", "train.log_interval=1",
+            "train.sample_tokens=0", "model.embd_dropout=0.1", "train.grad_accum=2"]
+    assert train.main(args + [f"train.out_dir={tmp_path / 'through'}"]) == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.train", *args, f"train.out_dir={killed}"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = killed / "checkpoints"
+        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # it was still running
+    at_kill = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert 0 < at_kill < 300 and not (killed / "model").exists()
+
+    assert train.main(args + ["--resume", f"train.out_dir={killed}"]) == 0
+    _, through, _ = load_model(tmp_path / "through")
+    _, resumed, _ = load_model(killed)
+    for a, b in zip(jax.tree_util.tree_leaves(through), jax.tree_util.tree_leaves(resumed)):
+        assert np.array_equal(a, b)
+    assert losses(killed) == losses(tmp_path / "through") and len(losses(killed)) == 300
+
+
+def test_early_stopping(preset, tmp_path):
+    """patience 1 and an improvement threshold no eval can meet: the second
+    evaluation stops the run."""
+    cfg = training.load_run_config(str(preset), ["train.patience=1", "train.min_delta=100.0", "train.max_steps=50",
+                                                 f"train.out_dir={tmp_path / 'r'}", "train.sample_tokens=0"], False)
+    summary = train.run(cfg)
+    assert summary["stopped_early"] and summary["steps"] == 20 and summary["best_step"] == 10
+    assert max(r["step"] for r in training.read_metrics(tmp_path / "r" / "metrics.jsonl")) == 20
+
+
+def test_finetune_from_a_run(smoke_run, preset, tmp_path):
+    """init_from loads the params (not the optimizer) and trains with its own lr:
+    the first evaluation equals the source model's best val loss."""
+    out = tmp_path / "ft"
+    assert train.main(["--config", str(preset), f"train.init_from={smoke_run}", "train.lr=1e-4",
+                       "train.min_lr=1e-5", "train.max_steps=10", f"train.out_dir={out}"]) == 0
+    source = training.read_metrics(smoke_run / "metrics.jsonl")
+    first = training.read_metrics(out / "metrics.jsonl")[0]
+    assert first["step"] == 0
+    assert first["val_loss"] == pytest.approx(min(r["val_loss"] for r in source if "val_loss" in r), rel=1e-6)
+    assert json.loads((out / "config.json").read_text())["train"]["lr"] == 1e-4
+    assert (out / "tokenizer.json").read_bytes() == (smoke_run / "tokenizer.json").read_bytes()
