@@ -16,6 +16,7 @@ from gptcore.config import ConfigError
 
 DECAYS = ("matrices", "all", "none")
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 PARALLELS = ("single", "pmap", "mesh")
 TOKENIZERS = ("char", "bpe")
 SAMPLERS = ("random", "sliding")
@@ -53,6 +54,10 @@ class TrainConfig:
 
     # numerics and randomness
     dtype: str = "float32"  # compute dtype; "bfloat16" keeps float32 master weights
+    # jaxgpt's compiled step (the function computed is the same; torchgpt ignores them)
+    scan_layers: bool = False  # one compiled layer body run L times (fast compiles of deep models)
+    remat: bool = False  # recompute each layer's activations in the backward pass (less memory)
+    attention_impl: str = "einsum"  # "einsum" (ours), "xla" or "cudnn" (jax.nn.dot_product_attention)
     seed: int = 1337  # init, batches and dropout
 
     # evaluation, early stopping, logging
@@ -129,8 +134,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 _FIELD_TYPES = {"int": int, "int | None": int, "float": float, "bool": bool, "str": str, "str | None": str}
-_CHOICES = {"decay": DECAYS, "dtype": DTYPES, "parallel": PARALLELS, "tokenizer": TOKENIZERS,
-            "sampler": SAMPLERS}
+_CHOICES = {"decay": DECAYS, "dtype": DTYPES, "attention_impl": ATTENTION_IMPLS, "parallel": PARALLELS,
+            "tokenizer": TOKENIZERS, "sampler": SAMPLERS}
 
 
 def _check_types(cfg) -> None:

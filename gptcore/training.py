@@ -84,7 +84,12 @@ def load_run_config(preset: str | None, overrides: list[str], resume: bool) -> R
         saved = Path(train.out_dir).expanduser() / CONFIG_FILE
         if not saved.is_file():
             raise RunError(f"--resume: no {CONFIG_FILE} in {train.out_dir} (nothing to resume)")
-        tables = json.loads(saved.read_text(encoding="utf-8"))
+        try:
+            tables = json.loads(saved.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RunError(f"--resume: {saved} is not a run's config ({e})") from None
+        if not isinstance(tables, dict):
+            raise RunError(f"--resume: {saved} is not a run's config (not a JSON object)")
         for text in overrides:
             tables = _override(tables, text)
     source = f"{train.out_dir}/{CONFIG_FILE}" if resume else str(preset)
@@ -158,10 +163,18 @@ def prepare_data(out_dir: Path, data: DataConfig, text: str, tok: Tokenizer) -> 
 
 
 def write_run_files(out_dir: Path, run: RunConfig, tok: Tokenizer) -> None:
-    """config.json (every section) and tokenizer.json of a fresh run."""
+    """tokenizer.json and config.json (every section) of a fresh run;
+    config.json last and atomically: it marks a directory as a run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n", encoding="utf-8")
     tok.save(out_dir / TOKENIZER_FILE)
+    _write_atomic(out_dir / CONFIG_FILE, json.dumps(run.to_dict(), indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 # -- batches ------------------------------------------------------------------------
@@ -222,6 +235,17 @@ class EarlyStopping:
         self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
 
 
+# -- numerical faults ---------------------------------------------------------------
+def check_finite(metrics: dict, step: int) -> None:
+    """Stop a run whose loss, gradient norm or val loss is NaN or Inf, before
+    a checkpoint of its (then useless) params replaces a good one."""
+    bad = [f"{k} is {metrics[k]}" for k in ("loss", "grad_norm", "val_loss")
+           if k in metrics and not math.isfinite(metrics[k])]
+    if bad:
+        raise RunError(f"training diverged at step {step}: {', '.join(bad)}; the checkpoints before it are kept "
+                       f"(lower train.lr, or check the data, and --resume)")
+
+
 # -- metrics ------------------------------------------------------------------------
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, each with a "step"."""
@@ -231,7 +255,7 @@ class MetricsLog:
         if resume_step is not None:  # drop what a killed run logged after its last checkpoint
             kept = [r for r in read_metrics(path) if r["step"] <= resume_step and not
                     (r["step"] == resume_step and "val_loss" in r)]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -194,8 +194,13 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage + message
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxgpt.convert", description=__doc__,
+    p = _Parser(prog="python -m jaxgpt.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src")
     p.add_argument("dst")

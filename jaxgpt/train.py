@@ -17,7 +17,7 @@ Shape legend: A micro-batches per step, B batch, T block size, V vocab.
 from __future__ import annotations
 
 import functools
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +35,7 @@ from gptcore.config import ModelConfig
 from gptcore.train_config import TrainConfig, lr_at
 from jaxgpt import ops
 from jaxgpt.checkpoint import CheckpointError, load_model, save_model
-from jaxgpt.model import GPT, count_params, init_params
+from jaxgpt.model import GPT, count_params, init_params, stack_layers, unstack_layers
 
 Batch = tuple[jax.Array, jax.Array, jax.Array]  # x, y int32 and valid bool, each (A, B, T)
 
@@ -106,6 +106,15 @@ class TrainState(struct.PyTreeNode):
     model: GPT = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     schedule: optax.Schedule = struct.field(pytree_node=False)  # the lr of tx, for the metrics
+
+
+def make_model(mc: ModelConfig, tc: TrainConfig) -> GPT:
+    """The model as the run computes it: tc's compute dtype (params stay
+    float32), layer scan, remat and attention kernel. Scanned layers take
+    stack_layers(params); checkpoints and model directories hold whichever
+    layout the run trains in, save_model writes the unrolled one."""
+    return GPT(mc, dtype=jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32, scan_layers=tc.scan_layers,
+               remat=tc.remat, attention_impl=tc.attention_impl)
 
 
 def create_state(model: GPT, params, cfg: TrainConfig) -> TrainState:
@@ -229,7 +238,8 @@ class Checkpoints:
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        self.directory = directory.absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -243,13 +253,43 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def restore(self, state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-        """The checkpointed state (host arrays shaped like `state`'s) and loop state."""
-        step = self.manager.latest_step() if step is None else step
+        """The checkpointed state (host arrays shaped like `state`'s) and loop
+        state of `step`, by default of the newest checkpoint that reads back.
+        Newer ones that do not (cut short by a crash or a full disk) are
+        renamed STEP.corrupt-TIME with a warning, never deleted; if none reads
+        back (a different model config, say), nothing is renamed."""
+        if step is not None:
+            return self._restore(state, step)
+        failed = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self._restore(state, step)
+            except Exception as e:  # orbax raises many types for missing or truncated files
+                failed.append((step, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"))
+                continue
+            for bad, why in failed:
+                aside = self.directory / f"{bad}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+                (self.directory / str(bad)).rename(aside)
+                print(f"warning: checkpoint {bad} is unreadable ({why}); moved it to {aside}, resuming from "
+                      f"step {step}", file=sys.stderr)
+            self.manager.reload()
+            return restored
+        if not failed:
+            raise training.RunError(f"--resume: no complete checkpoint in {self.directory} (nothing to resume)")
+        raise training.RunError(f"--resume: no checkpoint in {self.directory} can be restored into this run's "
+                                f"model (newest, step {failed[0][0]}: {failed[0][1]})")
+
+    def _restore(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
         target = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
                                         {"step": state.step, "params": state.params, "opt_state": state.opt_state})
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                       loop=ocp.args.JsonRestore()))
         arrays = restored["state"]
+        want, got = ({jax.tree_util.keystr(k): np.shape(a) for k, a in jax.tree_util.tree_leaves_with_path(tree)}
+                     for tree in (target, arrays))
+        if got != want:  # orbax restores the saved shapes, whatever the target's
+            key = next(k for k in {**want, **got} if want.get(k) != got.get(k))
+            raise CheckpointError(f"{key} has shape {got.get(key)}, this run's model has {want.get(key)}")
         return state.replace(step=arrays["step"], params=arrays["params"], opt_state=arrays["opt_state"]), \
             dict(restored["loop"])
 
@@ -308,13 +348,17 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
         cfg.model = training.model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
     mc: ModelConfig = cfg.model
     T = mc.context_length
+    train_tokens, val_tokens = training.prepare_data(out, dc, text, tokenizer)
+    batches = training.TrainBatches(train_tokens, T, tc, dc)  # a corpus too short fails here, before any run file
+    evals = training.val_batches(val_tokens, T, tc)
     if lead and not resume:
         training.write_run_files(out, cfg, tokenizer)
-    train_tokens, val_tokens = training.prepare_data(out, dc, text, tokenizer)
     checkpoints = Checkpoints(out / "checkpoints", tc.keep_checkpoints)
 
-    model = GPT(mc, dtype=jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32)
+    model = make_model(mc, tc)
     params = loaded[1] if loaded else init_params(mc, tc.seed)
+    if tc.scan_layers:  # the unrolled init stacked: the same initial weights either way
+        params = stack_layers(params, mc.n_layers)
     state = create_state(model, params, tc)
     stopper = training.EarlyStopping(tc.patience, tc.min_delta)
     start = 0
@@ -325,8 +369,6 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     log = training.MetricsLog(out / training.METRICS_FILE, start if resume else None)
     runner = make_runner(tc)
     state = runner.place_state(state)
-    batches = training.TrainBatches(train_tokens, T, tc, dc)
-    evals = training.val_batches(val_tokens, T, tc)
     print(training.describe_budget(count_params(params), tc, T, len(train_tokens)))
 
     if start == 0:
@@ -348,13 +390,13 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
             t0, last_logged = time.perf_counter(), done
             lead and log.write({"step": done, **m})
             bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tok_per_s']:.0f}")
-            if not math.isfinite(m["loss"]):
-                raise training.RunError(f"loss is {m['loss']} at step {done}: lower train.lr or check the data")
+            training.check_finite(m, done)
         if done % tc.eval_interval == 0 or done == tc.max_steps:
             val = evaluate(model, runner.eval_params(state), evals)
             stopper.update(val, done)
             lead and log.write({"step": done, "val_loss": val, "best_val_loss": stopper.best})
             bar.write(f"step {done}: val loss {val:.4f} (best {stopper.best:.4f} at step {stopper.best_step})")
+            training.check_finite({**runner.metrics(metrics), "val_loss": val}, done)  # never save NaN params
             checkpoints.save(runner.checkpoint_state(state), {"early_stopping": stopper.state()}, val)
             if stopper.should_stop:
                 bar.write(f"early stopping: no improvement > {tc.min_delta} in {tc.patience} evaluations")
@@ -373,7 +415,7 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
         print(f"val loss: final {final_val:.4f}, best {stopper.best:.4f} at step {stopper.best_step}; "
               f"model in {out / 'model'}")
         if tc.sample_tokens > 0:
-            text = write_sample(GPT(mc), best_params, tokenizer, tc, out / "sample.txt")
+            text = write_sample(GPT(mc), unstack_layers(best_params), tokenizer, tc, out / "sample.txt")
             print(f"--- sample ---\n{text}")
     return {"steps": done, "final_val_loss": final_val, "best_val_loss": stopper.best,
             "best_step": stopper.best_step, "stopped_early": stopper.should_stop}
@@ -391,15 +433,21 @@ def write_sample(model: GPT, params, tokenizer, tc: TrainConfig, path: Path) -> 
 def init_distributed(args) -> None:
     """Multi-host: jax.distributed.initialize from --coordinator /
     --num-processes / --process-id, or JAXGPT_COORDINATOR / _NUM_PROCESSES /
-    _PROCESS_ID. CPU processes talk over gloo."""
-    import os
+    _PROCESS_ID. CPU processes talk over gloo. A process that stops sending
+    heartbeats for JAXGPT_HEARTBEAT_TIMEOUT seconds (default 60) fails the
+    others, so a hung or killed peer never leaves a run waiting forever."""
     address = args.coordinator or os.environ.get("JAXGPT_COORDINATOR")
     if not address:
         return
     num = args.num_processes or int(os.environ.get("JAXGPT_NUM_PROCESSES", "1"))
     pid = args.process_id if args.process_id is not None else int(os.environ.get("JAXGPT_PROCESS_ID", "0"))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
+                                   heartbeat_timeout_seconds=int(os.environ.get("JAXGPT_HEARTBEAT_TIMEOUT", "60")))
+    except Exception as e:  # XlaRuntimeError and friends: unreachable coordinator, bad process id, ...
+        raise training.RunError(f"cannot join the run at {address} as process {pid} of {num}: "
+                                f"{(str(e).splitlines() or [''])[0]}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,6 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     except (*training.ERRORS, training.RunError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if jax.process_count() == 1:
+            raise
+        # Most likely a collective failed because another process died. Exit
+        # now: jax's exit handler would wait for the dead process at a barrier.
+        print(f"error: process {jax.process_index()} of {jax.process_count()}: {type(e).__name__}: "
+              f"{(str(e).splitlines() or [''])[0]}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     return 0
 
 

@@ -93,7 +93,7 @@ def sample_token(logits: torch.Tensor, generator: torch.Generator | None, sampli
 
 def prompt_positions(valid: torch.Tensor) -> torch.Tensor:
     """(B, P) bool -> (B, P) int64: the number of valid tokens before each
-    token (padding gets its neighbour's position; it is masked anyway)."""
+    token (padding gets a clamped position; it is masked anyway)."""
     return (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
@@ -122,29 +122,27 @@ class DecodeState(NamedTuple):
     # the random state is the caller's torch.Generator, not part of the state
 
 
-def _pad(eos_id: int | None, pad_id: int | None) -> int:
-    return pad_id if pad_id is not None else eos_id if eos_id is not None else 0
+def _special_ids(eos_id: int | None, pad_id: int | None) -> tuple[int, int]:
+    """eos and pad ids: eos -1 (no token has that id) when there is none; pad
+    defaults to eos, else 0."""
+    pad = pad_id if pad_id is not None else eos_id if eos_id is not None else 0
+    return -1 if eos_id is None else eos_id, pad
 
 
-def _is_eos(tokens: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    return torch.zeros(tokens.shape, dtype=torch.bool) if eos_id is None else tokens == eos_id
-
-
-def start(model: GPT, prompts, valid, generator, *, cache_len: int, sampling: Sampling,
-          eos_id: int | None = None) -> tuple[torch.Tensor, DecodeState]:
+def start(model: GPT, prompts, valid, generator, eos: int, *, cache_len: int,
+          sampling: Sampling) -> tuple[torch.Tensor, DecodeState]:
     """Prefill a cache of `cache_len` slots and sample the first new token (B,)."""
     cache = init_cache(model.cfg, prompts.shape[0], cache_len, device=prompts.device)
     logits, cache = prefill(model, prompts, valid, cache)
     token = sample_token(logits, generator, sampling)  # (B,)
     position = valid.long().sum(dim=-1)  # (B,) position of the first new token
-    return token, DecodeState(cache, token, position, _is_eos(token, eos_id))
+    return token, DecodeState(cache, token, position, token == eos)
 
 
-def decode(model: GPT, state: DecodeState, generator, *, steps: int, sampling: Sampling,
-           eos_id: int | None = None, pad_id: int | None = None) -> tuple[torch.Tensor, DecodeState]:
+def decode(model: GPT, state: DecodeState, generator, eos: int, pad: int, *, steps: int,
+           sampling: Sampling) -> tuple[torch.Tensor, DecodeState]:
     """Up to `steps` more tokens (B, steps) from the cache, stopping when every
-    sequence is done; slots never reached hold pad_id."""
-    pad = _pad(eos_id, pad_id)
+    sequence is done; slots never reached hold pad."""
     out = torch.full((state.last_token.shape[0], steps), pad, dtype=torch.long)  # (B, steps)
     for i in range(steps):
         if state.done.all():
@@ -152,7 +150,7 @@ def decode(model: GPT, state: DecodeState, generator, *, steps: int, sampling: S
         logits, cache = decode_step(model, state.cache, state.last_token, state.position)
         token = sample_token(logits, generator, sampling).masked_fill(state.done, pad)  # (B,)
         out[:, i] = token
-        state = DecodeState(cache, token, state.position + 1, state.done | _is_eos(token, eos_id))
+        state = DecodeState(cache, token, state.position + 1, state.done | (token == eos))
     return out, state
 
 
@@ -183,10 +181,9 @@ def generate(model: GPT, prompts, prompt_valid=None, *, max_new_tokens: int,
     sampling = check_sampling(temperature, top_k, top_p)
     prompts, valid = _check_prompts(model, prompts, prompt_valid, max_new_tokens)
     P = prompts.shape[1]
-    first, state = start(model, prompts, valid, generator, cache_len=P + max_new_tokens - 1,
-                         sampling=sampling, eos_id=eos_id)
-    rest, _ = decode(model, state, generator, steps=max_new_tokens - 1, sampling=sampling,
-                     eos_id=eos_id, pad_id=pad_id)
+    eos, pad = _special_ids(eos_id, pad_id)
+    first, state = start(model, prompts, valid, generator, eos, cache_len=P + max_new_tokens - 1, sampling=sampling)
+    rest, _ = decode(model, state, generator, eos, pad, steps=max_new_tokens - 1, sampling=sampling)
     return torch.cat([first[:, None], rest], dim=1)  # (B, N)
 
 
@@ -203,14 +200,14 @@ def generate_reference(model: GPT, prompts, prompt_valid=None, *, max_new_tokens
     sampling = check_sampling(temperature, top_k, top_p)
     tokens, valid = _check_prompts(model, prompts, prompt_valid, max_new_tokens)
     P = tokens.shape[1]
-    pad = _pad(eos_id, pad_id)
+    eos, pad = _special_ids(eos_id, pad_id)
     done = torch.zeros(tokens.shape[0], dtype=torch.bool)
     for _ in range(max_new_tokens):
         logits = model(tokens, positions=prompt_positions(valid), valid=valid).logits[:, -1]  # (B, V)
         token = sample_token(logits, generator, sampling).masked_fill(done, pad)  # (B,)
         tokens = torch.cat([tokens, token[:, None]], dim=1)
         valid = torch.cat([valid, torch.ones_like(done)[:, None]], dim=1)
-        done = done | _is_eos(token, eos_id)
+        done = done | (token == eos)
         if eos_id is not None and done.all():
             break
     new = tokens[:, P:]
@@ -239,8 +236,9 @@ def stream(model: GPT, prompt_ids: Sequence[int], *, max_new_tokens: int,
     chunk = max(1, min(chunk, C - keep + 1))  # the positions fed in a segment, keep-1 .. keep+chunk-2, fit in C
     history = [int(t) for t in prompt_ids][-C:]
     prompts = torch.tensor([history])  # (1, P)
-    first, state = start(model, prompts, torch.ones(prompts.shape, dtype=torch.bool), generator, cache_len=C,
-                         sampling=sampling, eos_id=eos_id)
+    eos, pad = _special_ids(eos_id, None)
+    first, state = start(model, prompts, torch.ones(prompts.shape, dtype=torch.bool), generator, eos, cache_len=C,
+                         sampling=sampling)
     new = [int(first[0])]
     emitted = 1
     while True:
@@ -255,8 +253,8 @@ def stream(model: GPT, prompt_ids: Sequence[int], *, max_new_tokens: int,
                 _, cache = prefill(model, window[:, :-1], torch.ones((1, keep - 1), dtype=torch.bool), cache)
             state = state._replace(cache=cache, position=torch.full((1,), keep - 1))
         # only the tokens still wanted are decoded (the jax twin runs fixed-shape segments and drops the rest)
-        tokens, state = decode(model, state, generator, steps=min(chunk, max_new_tokens - emitted),
-                               sampling=sampling, eos_id=eos_id)
+        tokens, state = decode(model, state, generator, eos, pad, steps=min(chunk, max_new_tokens - emitted),
+                               sampling=sampling)
         new = tokens[0].tolist()
         if eos_id is not None and eos_id in new:
             new = new[:new.index(eos_id) + 1]

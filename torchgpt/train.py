@@ -19,7 +19,6 @@ Shape legend: A micro-batches per step, B batch, T block size, V vocab.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -110,11 +109,31 @@ def save_checkpoint(path: Path, model, optimizer, step: int, loop_state: dict) -
 
 
 def load_checkpoint(path: Path, model, optimizer) -> tuple[int, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """weights_only: a checkpoint is data, never code to unpickle."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
     return ckpt["step"], ckpt["loop"]
+
+
+def resume_checkpoint(directory: Path, model, optimizer) -> tuple[int, dict]:
+    """latest.pt, or best.pt (with a warning) when latest.pt does not read
+    back; neither file is modified."""
+    failed = []
+    for name in ("latest.pt", "best.pt"):
+        if not (directory / name).is_file():
+            continue
+        try:
+            step, loop_state = load_checkpoint(directory / name, model, optimizer)
+        except Exception as e:  # truncated file (RuntimeError, EOFError, ...) or another model's weights
+            failed.append(f"{name}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+            continue
+        if failed:
+            print(f"warning: {failed[0]}; resuming from {name} (step {step})", file=sys.stderr)
+        return step, loop_state
+    raise training.RunError(f"--resume: no checkpoint in {directory} can be restored into this run's model "
+                            f"({'; '.join(failed) or 'no latest.pt or best.pt'})")
 
 
 # -- sampling -----------------------------------------------------------------------
@@ -153,9 +172,11 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     cfg.model = training.model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
     mc: ModelConfig = cfg.model
     T = mc.context_length
+    train_tokens, val_tokens = training.prepare_data(out, dc, text, tokenizer)
+    batches = training.TrainBatches(train_tokens, T, tc, dc)  # a corpus too short fails here, before any run file
+    evals = training.val_batches(val_tokens, T, tc)
     if not resume:
         training.write_run_files(out, cfg, tokenizer)
-    train_tokens, val_tokens = training.prepare_data(out, dc, text, tokenizer)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(tc.seed)
@@ -165,11 +186,9 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     ckpt_dir = out / "checkpoints"
     start = 0
     if resume:
-        start, loop_state = load_checkpoint(ckpt_dir / "latest.pt", model, optimizer)
+        start, loop_state = resume_checkpoint(ckpt_dir, model, optimizer)
         stopper.load(loop_state["early_stopping"])
     log = training.MetricsLog(out / training.METRICS_FILE, start if resume else None)
-    batches = training.TrainBatches(train_tokens, T, tc, dc)
-    evals = training.val_batches(val_tokens, T, tc)
     print(training.describe_budget(count_params(model), tc, T, len(train_tokens)))
 
     if start == 0:
@@ -188,13 +207,13 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
             t0, last_logged = time.perf_counter(), done
             log.write({"step": done, **m})
             bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tok_per_s']:.0f}")
-            if not math.isfinite(m["loss"]):
-                raise training.RunError(f"loss is {m['loss']} at step {done}: lower train.lr or check the data")
+            training.check_finite(m, done)
         if done % tc.eval_interval == 0 or done == tc.max_steps:
             val = evaluate(model, evals, device)
             improved = stopper.update(val, done)
             log.write({"step": done, "val_loss": val, "best_val_loss": stopper.best})
             bar.write(f"step {done}: val loss {val:.4f} (best {stopper.best:.4f} at step {stopper.best_step})")
+            training.check_finite({**m, "val_loss": val}, done)  # never save NaN params
             save_checkpoint(ckpt_dir / "latest.pt", model, optimizer, done, {"early_stopping": stopper.state()})
             if improved:
                 save_checkpoint(ckpt_dir / "best.pt", model, optimizer, done, {"early_stopping": stopper.state()})
@@ -205,7 +224,7 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
 
     final_val = [r["val_loss"] for r in training.read_metrics(out / training.METRICS_FILE) if "val_loss" in r][-1]
     if (ckpt_dir / "best.pt").is_file():
-        model.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)["model"])
+        model.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=True)["model"])
     save_model(out / "model", model, mc, out / "tokenizer.json", overwrite=True)
     training.plot_losses(out / training.METRICS_FILE, out / "loss.png")
     print(f"val loss: final {final_val:.4f}, best {stopper.best:.4f} at step {stopper.best_step}; "

@@ -64,4 +64,5 @@ def save(path: str | Path, meta: dict, tensors: Iterable[tuple[str, np.ndarray]]
             state[name] = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         else:
             state[name] = torch.from_numpy(a)
-    torch.save({**meta, "model": state}, path)
+    with open(path, "wb") as f:  # an OSError naming the path, not torch's RuntimeError
+        torch.save({**meta, "model": state}, f)

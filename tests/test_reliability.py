@@ -1,0 +1,271 @@
+"""Crashes, NaNs, dead peers and hostile files never lose work.
+
+- SIGKILL at random moments (most land in a checkpoint save, as a save takes
+  most of a step's time here), twice over: --resume ends bit-identical
+  to a run that was never interrupted.
+- A truncated newest checkpoint is set aside with a warning and the one
+  before it used; a stray orbax temporary directory is ignored.
+- A NaN stops jaxgpt.train and torchgpt.train with a one-line error naming
+  the step; no checkpoint of NaN params is written, the earlier ones stay.
+- Two processes (jax.distributed, gloo): killing one makes the other exit
+  with an error in seconds instead of hanging.
+- No checkpoint loader unpickles objects: a .pt that runs code on load is
+  refused by every loader that takes .pt files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from gptcore import training
+from jaxgpt import train
+from jaxgpt.checkpoint import load_model
+import torchgpt.train as ttrain
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 40  # train.max_steps of PRESET
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+# lr_decay_steps fixed, so a run's schedule does not depend on train.max_steps
+PRESET = """
+[model]
+context_length = 16
+d_model = 16
+n_layers = 1
+n_heads = 2
+d_ff = 32
+embd_dropout = 0.1
+[train]
+batch_size = 4
+max_steps = 40
+lr_decay_steps = 40
+warmup_steps = 2
+eval_interval = 2
+eval_batches = 1
+log_interval = 1
+keep_checkpoints = 2
+sample_tokens = 0
+[data]
+corpus = "{corpus}"
+"""
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reliability")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    path = root / "tiny.toml"
+    path.write_text(PRESET.format(corpus=corpus), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def through(preset, tmp_path_factory) -> Path:
+    """The run as it goes when nothing goes wrong."""
+    out = tmp_path_factory.mktemp("through") / "run"
+    assert train.main(["--config", str(preset), f"train.out_dir={out}"]) == 0
+    return out
+
+
+def complete_steps(run: Path) -> list[int]:
+    ckpts = run / "checkpoints"
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical exported params and the same loss at every step."""
+    for x, y in zip(jax.tree_util.tree_leaves(load_model(a)[1]), jax.tree_util.tree_leaves(load_model(b)[1]),
+                    strict=True):
+        assert np.array_equal(x, y)
+    losses = [[(r["step"], r["loss"]) for r in training.read_metrics(run / "metrics.jsonl") if "loss" in r]
+              for run in (a, b)]
+    assert losses[0] == losses[1] and len(losses[0]) == STEPS
+
+
+# -- SIGKILL -------------------------------------------------------------------------------
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(preset, through, tmp_path):
+    run = tmp_path / "run"
+    rng = random.Random(os.getpid())  # a different set of moments every time the suite runs
+    args = [sys.executable, "-m", "jaxgpt.train", "--config", str(preset), f"train.out_dir={run}"]
+    for attempt in range(2):
+        before = complete_steps(run)[-1:] or [0]
+        proc = subprocess.Popen(args + (["--resume"] if attempt else []), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and complete_steps(run)[-1:] <= before:
+            time.sleep(0.005)  # until this attempt has saved a checkpoint of its own
+        time.sleep(rng.uniform(0.0, 0.25))
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, f"attempt {attempt} was not running: {err[-2000:]}"
+        assert complete_steps(run)[-1] < STEPS and not (run / "model").exists()
+    assert train.main(["--config", str(preset), f"train.out_dir={run}", "--resume"]) == 0
+    assert_same_run(run, through)
+
+
+def test_truncated_newest_checkpoint_falls_back_with_a_warning(preset, through, tmp_path, capsys):
+    """Steps 2 and 4 on disk, step 4's array files cut short, and an orbax
+    temporary directory of a save that was killed: --resume warns, moves
+    step 4 aside (not deleting it), continues from step 2 and ends as if
+    nothing had happened."""
+    run = tmp_path / "run"
+    assert train.main(["--config", str(preset), f"train.out_dir={run}", "train.max_steps=4"]) == 0
+    assert complete_steps(run) == [2, 4]
+    for p in (run / "checkpoints" / "4").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    partial = run / "checkpoints" / "6.orbax-checkpoint-tmp"  # the name orbax gives a save in progress
+    partial.mkdir()
+    (partial / "state").mkdir()
+    capsys.readouterr()
+
+    assert train.main(["--config", str(preset), f"train.out_dir={run}", f"train.max_steps={STEPS}", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: checkpoint 4 is unreadable .*resuming from step 2", err), err
+    aside = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("4.corrupt")]
+    assert len(aside) == 1 and any(aside[0].rglob("*"))  # kept for the user to inspect
+    assert_same_run(run, through)
+
+
+# -- NaN -----------------------------------------------------------------------------------
+def test_nan_stops_jax_training_and_keeps_the_last_good_checkpoint(preset, tmp_path, monkeypatch, capsys):
+    """The params turn NaN after step 5 (as in a divergence): step 6's loss
+    and gradients are NaN, caught before the checkpoint of step 6."""
+    real = train.train_step
+
+    def step_then_poison(state, batch, rng):
+        state, metrics = real(state, batch, rng)
+        if int(state.step) == 5:
+            state = state.replace(params=jax.tree_util.tree_map(lambda a: a * np.nan, state.params))
+        return state, metrics
+    monkeypatch.setattr(train, "train_step", step_then_poison)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    code = train.main(["--config", str(preset), f"train.out_dir={run}", "train.log_interval=4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: training diverged at step 6: loss is nan"), err[-3:]
+    assert complete_steps(run) == [2, 4] and not (run / "model").exists()  # checked before the save at step 6
+    monkeypatch.undo()
+    assert train.main(["--config", str(preset), f"train.out_dir={run}", "--resume", "train.max_steps=8"]) == 0
+    assert all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(load_model(run)[1]))  # resumed from step 4
+
+
+def test_nan_stops_torch_training(preset, tmp_path, monkeypatch, capsys):
+    """The params turn NaN after step 3; the log boundary of step 4 stops the run."""
+    done = []
+
+    def step_then_poison(model, optimizer, batch, step, cfg):
+        metrics = real(model, optimizer, batch, step, cfg)
+        done.append(step)
+        if step + 1 == 3:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        return metrics
+    real = ttrain.train_step
+    monkeypatch.setattr(ttrain, "train_step", step_then_poison)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    code = ttrain.main(["--config", str(preset), f"train.out_dir={run}", "train.log_interval=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: training diverged at step 4: loss is nan"), err[-3:]
+    ckpt = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (run / "model").exists() and len(done) == 4
+
+
+# -- two processes ---------------------------------------------------------------------------
+def test_killing_one_process_stops_the_other(preset, tmp_path):
+    """Process 1 of a 2-process run is killed mid-training: process 0 fails
+    fast with one error line (gloo sees the closed connection; heartbeats
+    bound any case it does not see) and never reaches an export."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               JAXGPT_HEARTBEAT_TIMEOUT="10")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxgpt.train", "--config", str(preset), f"train.out_dir={tmp_path / f'p{i}'}",
+         "train.parallel=mesh", "train.max_steps=100000", "train.lr_decay_steps=100000", "train.eval_interval=1000",
+         "train.log_interval=5", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline = time.time() + 90
+        metrics = tmp_path / "p0" / "metrics.jsonl"
+        while time.time() < deadline and len(training.read_metrics(metrics)) < 2 and procs[0].poll() is None:
+            time.sleep(0.05)  # until process 0 has logged training steps (after the step-0 evaluation)
+        assert procs[0].poll() is None and len(training.read_metrics(metrics)) >= 2, procs[0].stderr.read()[-2000:]
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.time()
+        _, err = procs[0].communicate(timeout=60)
+        took = time.time() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    last = err.strip().splitlines()[-1]
+    assert procs[0].returncode != 0 and took < 30, (procs[0].returncode, took, err[-2000:])
+    assert last.startswith("error: process 0 of 2:"), err[-2000:]
+    assert not (tmp_path / "p0" / "model").exists()
+
+
+# -- hostile files --------------------------------------------------------------------------
+class Payload:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_no_loader_unpickles_objects(preset, through, tmp_path, capsys):
+    """A .pt that runs code when unpickled, as torchgpt.train's latest.pt and
+    as a convert source (.pt, nanoGPT, HF pytorch_model.bin): refused with a
+    one-line error, the payload never runs. And no product code calls
+    torch.load without weights_only=True, or pickle / np.load(allow_pickle)."""
+    pwned = tmp_path / "pwned"
+    evil = {"model": {"w": torch.zeros(2)}, "optimizer": {}, "step": 2, "rng": torch.zeros(2), "loop": {},
+            "x": Payload(pwned)}
+    run = tmp_path / "run"  # the finished run, with an evil latest.pt and no best.pt
+    shutil.copytree(through, run)
+    for p in (run / "checkpoints").iterdir():
+        shutil.rmtree(p)
+    torch.save(evil, run / "checkpoints" / "latest.pt")
+    capsys.readouterr()
+    assert ttrain.main(["--config", str(preset), f"train.out_dir={run}", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "weights only load failed" in err.lower() and err.count("\n") == 1, err
+
+    from jaxgpt.convert import main as convert_main
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1}')
+    torch.save(evil, hf / "pytorch_model.bin")
+    for src, fmt in ((run / "checkpoints" / "latest.pt", "pt"), (run / "checkpoints" / "latest.pt", "nanogpt"),
+                     (hf, "hf")):
+        assert convert_main([str(src), str(tmp_path / "out.safetensors"), "--from", fmt]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert not pwned.exists() and not (tmp_path / "out.safetensors").exists()
+
+    for path in [*REPO.glob("gptcore/**/*.py"), *REPO.glob("jaxgpt/**/*.py"), *REPO.glob("torchgpt/**/*.py")]:
+        code = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", code):
+            assert "weights_only=True" in call, (path, call)
+        assert not re.search(r"\bpickle\.loads?\(|allow_pickle=True|weights_only=False", code), path
