@@ -16,8 +16,6 @@ refuses to replace an existing directory unless told to.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -26,51 +24,25 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 
 from gptcore.config import ModelConfig
+from gptcore.model_dir import (CONFIG_FILE, SAFETENSORS_FILE, CheckpointError, read_model_config,  # noqa: F401
+                               tokenizer_path, write_model_dir)
 from jaxgpt.model import param_shapes, params_from_state_dict, stack_layers, state_dict_from_params, unstack_layers
 
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
 PARAMS_DIR = "params"
 RUN_MODEL_DIR = "model"  # jaxgpt.train exports a run's model to OUT_DIR/model
-SAFETENSORS_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written; the message says why."""
 
 
 def save_model(directory: str | Path, params, cfg: ModelConfig, tokenizer_file: str | Path | None = None,
                *, overwrite: bool = False) -> Path:
-    directory = Path(directory).absolute()
-    if directory.exists() and not overwrite:
-        raise CheckpointError(f"{directory} already exists (refusing to overwrite it)")
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / CONFIG_FILE).write_text(json.dumps({"format": "jaxgpt", "model": cfg.to_dict()}, indent=2))
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / PARAMS_DIR, jax.device_get(unstack_layers(params)))
-        ckptr.wait_until_finished()
-    safetensors.numpy.save_file(state_dict_from_params(unstack_layers(params)), tmp / SAFETENSORS_FILE,
-                                metadata={"format": "pt"})
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-    return directory
+    params = jax.device_get(unstack_layers(params))
 
+    def write_weights(tmp: Path) -> None:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, params)
+            ckptr.wait_until_finished()
+        safetensors.numpy.save_file(state_dict_from_params(params), tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
 
-def read_model_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text())
-        return ModelConfig.from_dict(meta["model"])
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a jaxgpt model directory)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable model config ({e.__class__.__name__}: {e})") from None
+    return write_model_dir(directory, cfg, tokenizer_file, write_weights, overwrite=overwrite)
 
 
 def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[ModelConfig, dict, Path | None]:
@@ -107,5 +79,4 @@ def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[Mod
 def _finish(directory: Path, cfg: ModelConfig, params, scan_layers: bool):
     if scan_layers:
         params = stack_layers(params, cfg.n_layers)
-    tokenizer = directory / TOKENIZER_FILE
-    return cfg, params, tokenizer if tokenizer.is_file() else None
+    return cfg, params, tokenizer_path(directory)

@@ -1,0 +1,65 @@
+"""Model directories, the framework-free part: layout, atomic writes, config.
+
+    config.json        {"format": "jaxgpt", "model": {...ModelConfig fields...}}
+    tokenizer.json     the HF `tokenizers` file the model was trained with (optional)
+    model.safetensors  the weights under torchgpt's state_dict names (both twins read it)
+    params/            jaxgpt's orbax copy of the same weights (jaxgpt only)
+
+jaxgpt.checkpoint and torchgpt.checkpoint add the weights of their framework.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from gptcore.config import ConfigError, ModelConfig
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+SAFETENSORS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message says why."""
+
+
+def write_model_dir(directory: str | Path, cfg: ModelConfig, tokenizer_file: str | Path | None,
+                    write_weights: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Write config, tokenizer and (via `write_weights(tmp_dir)`) weights into
+    a temporary sibling, then rename it into place: a crash never leaves a
+    half-written directory under the final name. An existing directory is
+    replaced only with overwrite=True."""
+    directory = Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise CheckpointError(f"{directory} already exists (refusing to overwrite it)")
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG_FILE).write_text(json.dumps({"format": "jaxgpt", "model": cfg.to_dict()}, indent=2))
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    write_weights(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+        return ModelConfig.from_dict(meta["model"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a jaxgpt model directory)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path}: unreadable model config ({e.__class__.__name__}: {e})") from None
+
+
+def tokenizer_path(directory: Path) -> Path | None:
+    path = directory / TOKENIZER_FILE
+    return path if path.is_file() else None
