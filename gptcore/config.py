@@ -80,7 +80,7 @@ class ModelConfig:
     scaled_residual_init: bool = True  # out_proj / MLP down: init_std / sqrt(2 * n_layers)
 
     def __post_init__(self):
-        _check_types(self)
+        check_field_types(self, _CHOICES)
         for name in ("n_kv_heads", "head_dim", "d_ff"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, _default_derived(self, name))
@@ -138,39 +138,39 @@ def _default_derived(cfg: ModelConfig, name: str):
     return 4 * cfg.d_model
 
 
-_FIELD_TYPES = {
-    "int": int,
-    "int | None": int,
-    "float": float,
-    "bool": bool,
-}
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_CHOICES = {"position": POSITIONS, "mlp": MLPS, "norm": NORMS, "norm_placement": NORM_PLACEMENTS}
 
 
-def _check_types(cfg: ModelConfig) -> None:
+def check_field_types(cfg, choices: dict[str, tuple[str, ...]]) -> None:
+    """Type-check every field of a config dataclass (string annotations:
+    int, float, bool, str, "X | None", Literal[...]) and the allowed values of
+    the fields named in `choices`. An int is accepted for a float field and
+    converted; a bool is never an int. One-line ConfigError naming the field."""
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        kind = f.type
-        if kind.startswith("Literal"):
-            choices = {"position": POSITIONS, "mlp": MLPS, "norm": NORMS,
-                       "norm_placement": NORM_PLACEMENTS}[f.name]
-            if value not in choices:
-                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        value, kind = getattr(cfg, f.name), f.type
+        if value is None and kind.endswith("| None"):
             continue
-        expected = _FIELD_TYPES[kind]
-        if value is None and kind == "int | None":
-            continue
-        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        expected = str if kind.startswith("Literal") else _FIELD_TYPES[kind.removesuffix(" | None")]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(cfg, f.name, float(value))
-            ok = True
-        if not ok:
+            continue
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise ConfigError(f"{f.name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+        if f.name in choices and value not in choices[f.name]:
+            raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices[f.name])}")
+
+
+def requirement(cfg):
+    """require(cond, field, why): a one-line ConfigError naming `field` and its value unless cond."""
+    def require(cond: bool, field: str, why: str) -> None:
+        if not cond:
+            raise ConfigError(f"{field}: {why} (got {getattr(cfg, field)!r})")
+    return require
 
 
 def _check_values(c: ModelConfig) -> None:
-    def require(cond: bool, field: str, why: str):
-        if not cond:
-            raise ConfigError(f"{field}: {why} (got {getattr(c, field)!r})")
+    require = requirement(c)
 
     for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads",
                  "n_kv_heads", "head_dim", "d_ff"):

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from gptcore.config import ConfigError
+from gptcore.config import check_field_types, requirement
 
 DECAYS = ("matrices", "all", "none")
 DTYPES = ("float32", "bfloat16")
@@ -79,7 +79,7 @@ class TrainConfig:
     fsdp: int = 1  # size of the mesh's "fsdp" axis (parameter sharding); mesh only
 
     def __post_init__(self):
-        _check_types(self)
+        check_field_types(self, _CHOICES)
         _check_values(self)
 
     @property
@@ -106,7 +106,7 @@ class DataConfig:
     cache_dir: str = "~/.cache/jaxgpt"  # downloaded corpora
 
     def __post_init__(self):
-        _check_types(self)
+        check_field_types(self, _CHOICES)
         _check_values(self)
 
     def replace(self, **changes) -> "DataConfig":
@@ -133,30 +133,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-_FIELD_TYPES = {"int": int, "int | None": int, "float": float, "bool": bool, "str": str, "str | None": str}
 _CHOICES = {"decay": DECAYS, "dtype": DTYPES, "attention_impl": ATTENTION_IMPLS, "parallel": PARALLELS,
             "tokenizer": TOKENIZERS, "sampler": SAMPLERS}
 
 
-def _check_types(cfg) -> None:
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is None and f.type.endswith("| None"):
-            continue
-        expected = _FIELD_TYPES[f.type]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(cfg, f.name, float(value))
-            continue
-        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-            raise ConfigError(f"{f.name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
-        if f.name in _CHOICES and value not in _CHOICES[f.name]:
-            raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(_CHOICES[f.name])}")
-
-
 def _check_values(c) -> None:
-    def require(cond: bool, field: str, why: str):
-        if not cond:
-            raise ConfigError(f"{field}: {why} (got {getattr(c, field)!r})")
+    require = requirement(c)
 
     if isinstance(c, DataConfig):
         require(c.bpe_vocab_size > 0, "bpe_vocab_size", "must be positive")

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 
 from gptcore import training
 from gptcore.config import ModelConfig
-from gptcore.train_config import TrainConfig, lr_at
+from gptcore.train_config import TrainConfig
 from jaxgpt import ops
 from jaxgpt.checkpoint import CheckpointError, load_model, save_model
 from jaxgpt.model import GPT, count_params, init_params, stack_layers, unstack_layers

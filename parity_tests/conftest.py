@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from gptcore.config import ModelConfig
-from gptcore.presets import load_model_config
 import jaxgpt.model as jm
 import torchgpt.model as tm
 

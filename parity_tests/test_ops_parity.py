@@ -16,7 +16,7 @@ import torchgpt.model as tm
 import torchgpt.ops as tops
 from gptcore.presets import load_model_config
 
-from conftest import TOL, max_diff
+from conftest import max_diff
 
 DEBUG = load_model_config("debug")
 

@@ -45,7 +45,6 @@ from typing import NamedTuple
 
 import torch
 
-from gptcore.config import ModelConfig
 from gptcore.generation import STREAM_CHUNK, GenerationError, Sampling, check_request, check_sampling, run_cli
 from torchgpt.model import GPT, Cache, init_cache
 

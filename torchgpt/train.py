@@ -18,7 +18,6 @@ Shape legend: A micro-batches per step, B batch, T block size, V vocab.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from gptcore.config import ModelConfig
 from gptcore.train_config import TrainConfig, lr_at
 from torchgpt import ops
 from torchgpt.checkpoint import save_model
-from torchgpt.model import GPT, count_params, state_arrays
+from torchgpt.model import GPT, count_params
 
 
 # -- optimizer ----------------------------------------------------------------------
