@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxgpt.train import Batch, TrainState, step_fn
+from jaxgpt.train import Batch, SingleDevice, TrainState, step_fn
 
 AXES = ("data", "fsdp")
 
@@ -88,7 +88,7 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     return Mesh(devices.reshape(devices.size // fsdp, fsdp), AXES)
 
 
-class MeshRunner:
+class MeshRunner(SingleDevice):
     """jit over a ("data", "fsdp") mesh: data parallel and FSDP in one program."""
 
     def __init__(self, fsdp: int = 1, devices=None):
@@ -128,15 +128,6 @@ class MeshRunner:
 
     def step(self, state: TrainState, batch: Batch, rng: jax.Array):
         return self._step(state, batch, jax.device_put(rng, self.replicated))
-
-    def eval_params(self, state: TrainState):
-        return state.params
-
-    def checkpoint_state(self, state: TrainState) -> TrainState:
-        return state
-
-    def metrics(self, metrics: dict) -> dict:
-        return {k: float(v) for k, v in metrics.items()}
 
 
 def gather(tree):
