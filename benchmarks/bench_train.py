@@ -68,6 +68,7 @@ from gptcore.presets import load_config, load_model_config
 from gptcore.train_config import DataConfig, TrainConfig
 import jaxgpt.model as jm
 import jaxgpt.train as jt
+from jaxgpt.parallel import MeshRunner
 import torchgpt.model as tm
 import torchgpt.train as tt
 
@@ -127,8 +128,8 @@ def memory_probe(name: str, engine: str) -> None:
     torch.manual_seed(tc.seed)
     np_state = tm.state_arrays(tm.GPT(cfg))
     batch_of = make_batches(cfg, tc)
-    e = JaxEngine(cfg, tc, np_state) if engine == "jaxgpt" else \
-        TorchEngine(cfg, tc, np_state, compile_=engine == "torch.compile")
+    e = TorchEngine(cfg, tc, np_state, compile_=engine == "torch.compile") if engine.startswith("torch") else \
+        JaxEngine(cfg, tc, np_state, None if engine == "jaxgpt" else data_parallel_runner(tc))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     base = status_kb("VmRSS")
@@ -138,8 +139,9 @@ def memory_probe(name: str, engine: str) -> None:
 
 
 def measure_memory(name: str, engine: str) -> str:
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", name, engine,
-                          "--torch-threads", str(torch.get_num_threads())], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", name, engine, "--torch-threads",
+                          str(torch.get_num_threads()), "--cpu-devices", str(jax.device_count())],
+                         capture_output=True, text=True)
     try:
         return f"{int(out.stdout.split()[-1]) / 2**20:.0f}"
     except (ValueError, IndexError):
@@ -148,28 +150,33 @@ def measure_memory(name: str, engine: str) -> str:
 
 # -- the engines --------------------------------------------------------------------
 class JaxEngine:
-    name = "jaxgpt"
+    """jaxgpt's training step through a runner: jt.SingleDevice (one XLA
+    device) or what `python -m jaxgpt.train` runs by default (parallel
+    "auto": data parallel over the CPU devices split_cpu made)."""
 
-    def __init__(self, cfg, tc, np_state, dtype=jnp.float32, scan_layers=False, attention_impl="einsum"):
-        self.model = jm.GPT(cfg, dtype=dtype, scan_layers=scan_layers, attention_impl=attention_impl)
+    def __init__(self, cfg, tc, np_state, runner=None, **model_kwargs):
+        self.runner = runner or jt.SingleDevice()
+        n = self.runner.n_devices
+        self.name = "jaxgpt" if n == 1 else f"jaxgpt, {n} CPU devices"
+        self.model = jm.GPT(cfg, **model_kwargs)
         params = jm.params_from_state_dict(np_state, cfg)
-        if scan_layers:
+        if model_kwargs.get("scan_layers"):
             params = jm.stack_layers(params, cfg.n_layers)
-        self.state = jt.create_state(self.model, params, tc)
+        self.state = self.runner.place_state(jt.create_state(self.model, params, tc))
         self.seed = tc.seed
 
     def step(self, batch, step):
-        batch = tuple(jnp.asarray(a) for a in batch)
-        self.state, metrics = jt.train_step(self.state, batch, jt.step_key(self.seed, step))
+        self.state, metrics = self.runner.step(self.state, self.runner.place_batch(batch),
+                                               jt.step_key(self.seed, step))
         jax.block_until_ready(self.state)
         return metrics
 
     def loss(self, metrics):
-        return float(metrics["loss"])
+        return self.runner.metrics(metrics)["loss"]
 
     def temp_bytes(self, batch):
-        batch = tuple(jnp.asarray(a) for a in batch)
-        compiled = jt.train_step.lower(self.state, batch, jt.step_key(self.seed, 0)).compile()
+        step = getattr(self.runner, "_step", None) or jt.train_step
+        compiled = step.lower(self.state, self.runner.place_batch(batch), jt.step_key(self.seed, 0)).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -188,6 +195,14 @@ class TorchEngine:
         return metrics["loss"]
 
 
+def data_parallel_runner(tc):
+    """What python -m jaxgpt.train runs by default on this host (parallel
+    "auto"): a data-parallel mesh over as many of the CPU devices as divide
+    the batch; None when that is one device."""
+    n = jt.cpu_device_count(tc, cores=jax.device_count())
+    return MeshRunner(devices=jax.devices()[:n]) if n > 1 else None
+
+
 def make_batches(cfg, tc):
     """The step -> (x, y, valid) function both twins train on."""
     if cfg.vocab_size == 65 and CORPUS.is_file():  # the char configs: tiny Shakespeare's characters
@@ -204,6 +219,8 @@ def run_config(name, cfg, tc, steps, warmup, rounds, use_compile, ceiling) -> st
     np_state = tm.state_arrays(tm.GPT(cfg))
     batch_of = make_batches(cfg, tc)
     engines = [JaxEngine(cfg, tc, np_state), TorchEngine(cfg, tc, np_state)]
+    if (runner := data_parallel_runner(tc)) is not None:
+        engines.insert(1, JaxEngine(cfg, tc, np_state, runner))
     if use_compile:
         engines.append(TorchEngine(cfg, tc, np_state, compile_=True))
     losses = {e.name: [] for e in engines}
@@ -239,9 +256,9 @@ def run_config(name, cfg, tc, steps, warmup, rounds, use_compile, ceiling) -> st
                 take(e, True)
 
     memory = {e.name: measure_memory(name, e.name) for e in engines}
-    jax_temp = engines[0].temp_bytes(batch_of(0))
+    jax_temp = {e.name: e.temp_bytes(batch_of(0)) for e in engines if isinstance(e, JaxEngine)}
 
-    n_params = sum(p.numel() for p in engines[1].model.parameters())
+    n_params = sum(p.numel() for p in next(e for e in engines if e.name == "torch eager").model.parameters())
     tokens = tc.batch_size * tc.grad_accum * cfg.context_length
     flops = model_flops_per_token(cfg, n_params) * tokens
     ref = statistics.median(times["torch eager"])
@@ -255,10 +272,10 @@ def run_config(name, cfg, tc, steps, warmup, rounds, use_compile, ceiling) -> st
         ts = times[e.name]
         med = statistics.median(ts)
         p10, p90 = np.percentile(ts, 10) * 1e3, np.percentile(ts, 90) * 1e3
-        own = ceiling["jax" if e.name == "jaxgpt" else "torch"]
+        own = ceiling["jax" if e.name.startswith("jaxgpt") else "torch"]
         mem = memory[e.name]
-        if e.name == "jaxgpt":
-            mem += f" (XLA temp {jax_temp / 2**20:.0f})"
+        if e.name in jax_temp:
+            mem += f" (XLA temp {jax_temp[e.name] / 2**20:.0f})"
         n = min(len(losses[e.name]), len(ref_losses))
         rel = np.max(np.abs(np.array(losses[e.name][:n]) - ref_losses[:n]) / np.abs(ref_losses[:n]))
         lines.append(f"| {e.name} | {tokens / med:,.0f} | {med * 1e3:.1f} ({p10:.1f}-{p90:.1f}) | "
@@ -369,8 +386,13 @@ def main(argv=None) -> int:
                         help="124M compute dtype (default: bfloat16 on an accelerator, float32 on CPU)")
     parser.add_argument("--attention", choices=("einsum", "xla", "cudnn"), default="einsum",
                         help="124M attention: ours, jax.nn.dot_product_attention xla, or cuDNN flash")
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="XLA CPU devices for the data-parallel jaxgpt engine, as train.cpu_devices "
+                             "(default 0: one per core; 1: single device only)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CONFIG", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.gpt2_124m:  # before JAX starts, as python -m jaxgpt.train does
+        jt.split_cpu(bench_configs()["nanogpt"][1].replace(cpu_devices=args.cpu_devices))
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.memory_probe:

@@ -17,7 +17,7 @@ from gptcore.config import check_field_types, requirement
 DECAYS = ("matrices", "all", "none")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
-PARALLELS = ("single", "pmap", "mesh")
+PARALLELS = ("auto", "single", "pmap", "mesh")
 TOKENIZERS = ("char", "bpe")
 SAMPLERS = ("random", "sliding")
 
@@ -74,9 +74,12 @@ class TrainConfig:
     sample_tokens: int = 200  # tokens sampled at the end of training; 0: none
     sample_temperature: float = 0.8
 
-    # parallelism
-    parallel: str = "single"  # "single" device, "pmap" data parallel, "mesh" (data x fsdp) jit
-    fsdp: int = 1  # size of the mesh's "fsdp" axis (parameter sharding); mesh only
+    # parallelism (jaxgpt)
+    parallel: str = "auto"  # "auto": "mesh" over every device when there are several, else "single";
+    # "single" device, "pmap" data parallel, "mesh" (data x fsdp) jit
+    fsdp: int = 1  # size of the mesh's "fsdp" axis (parameter sharding); mesh / auto only
+    cpu_devices: int = 0  # on a CPU host, the XLA CPU devices `python -m jaxgpt.train` splits it into, so
+    # that data parallelism puts every core to work; 0: one per core (fewer if batch_size needs it)
 
     def __post_init__(self):
         check_field_types(self, _CHOICES)
@@ -148,7 +151,7 @@ def _check_values(c) -> None:
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
                  "keep_checkpoints", "fsdp"):
         require(getattr(c, name) > 0, name, "must be positive")
-    for name in ("warmup_steps", "patience", "sample_tokens"):
+    for name in ("warmup_steps", "patience", "sample_tokens", "cpu_devices"):
         require(getattr(c, name) >= 0, name, "must be >= 0")
     require(c.lr > 0.0, "lr", "must be positive")
     require(0.0 <= c.min_lr <= c.lr, "min_lr", f"must be in [0, lr={c.lr}]")
@@ -161,4 +164,5 @@ def _check_values(c) -> None:
     require(c.grad_clip >= 0.0, "grad_clip", "must be >= 0 (0 turns clipping off)")
     require(c.min_delta >= 0.0, "min_delta", "must be >= 0")
     require(c.sample_temperature >= 0.0, "sample_temperature", "must be >= 0 (0: greedy)")
-    require(c.fsdp == 1 or c.parallel == "mesh", "fsdp", "parameter sharding needs train.parallel = \"mesh\"")
+    require(c.fsdp == 1 or c.parallel in ("mesh", "auto"), "fsdp",
+            "parameter sharding needs train.parallel = \"mesh\" (or \"auto\")")

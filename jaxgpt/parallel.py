@@ -40,6 +40,9 @@ class PmapRunner:
         self._step = jax.pmap(functools.partial(step_fn, axis_name="data"), axis_name="data",
                               devices=self.devices, in_axes=(0, 0, None), donate_argnums=0)
 
+    def describe(self) -> str:
+        return f"{self.n_devices} {self.devices[0].platform.upper()} devices, pmap data parallel"
+
     def place_state(self, state: TrainState) -> TrainState:
         """One copy per device on a leading axis (pmap distributes it on the first step)."""
         n = self.n_devices
@@ -98,6 +101,11 @@ class MeshRunner(SingleDevice):
         self.batch_sharding = NamedSharding(self.mesh, P(None, AXES, None))  # (A, B, T): B over every device
         self.replicated = NamedSharding(self.mesh, P())
         self._step = None
+
+    def describe(self) -> str:
+        data, fsdp = self.mesh.devices.shape
+        return (f"{self.n_devices} {self.mesh.devices.flat[0].platform.upper()} devices, mesh data {data}"
+                + (f" x fsdp {fsdp}" if fsdp > 1 else " (data parallel)"))
 
     def state_sharding(self, state: TrainState) -> TrainState:
         return jax.tree_util.tree_map(lambda a: NamedSharding(self.mesh, fsdp_spec(a.shape, self.fsdp)), state)

@@ -184,6 +184,9 @@ class SingleDevice:
     parallel.MeshRunner have the same methods."""
     n_devices = 1
 
+    def describe(self) -> str:
+        return f"1 {jax.devices()[0].platform.upper()} device"
+
     def place_state(self, state: TrainState) -> TrainState:
         return jax.device_put(state)
 
@@ -206,10 +209,42 @@ class SingleDevice:
 
 
 def make_runner(cfg: TrainConfig):
-    if cfg.parallel == "single":
+    """The runner train.parallel asks for; "auto" is a data-parallel (and,
+    with train.fsdp, parameter-sharded) mesh over every device when there are
+    several, else the single device."""
+    if cfg.parallel == "single" or (cfg.parallel == "auto" and jax.device_count() == 1):
         return SingleDevice()
     from jaxgpt import parallel
     return parallel.PmapRunner() if cfg.parallel == "pmap" else parallel.MeshRunner(cfg.fsdp)
+
+
+def cpu_device_count(cfg: TrainConfig, cores: int | None = None) -> int:
+    """train.cpu_devices, or for 0 the most devices, at most one per core,
+    that divide train.batch_size."""
+    if cfg.cpu_devices:
+        return cfg.cpu_devices
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(n for n in range(1, cores + 1) if cfg.batch_size % n == 0)
+
+
+def split_cpu(cfg: TrainConfig) -> None:
+    """Split a CPU host into cpu_device_count(cfg) XLA devices, so that
+    parallel = "auto" trains data parallel with every core busy.
+
+    Why: XLA's CPU runtime runs the ops of a small model's step one after
+    another, most of them on one thread, so one device leaves the other
+    cores mostly idle (torch spreads each op over its intra-op threads
+    instead). Devices are set before JAX starts; an explicit
+    --xla_force_host_platform_device_count in XLA_FLAGS wins, and once JAX
+    has started (jaxgpt.train.main called in a live process) nothing changes.
+    Other backends (GPU, TPU) are untouched.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", cpu_device_count(cfg))
+    except RuntimeError:  # the backends are already up
+        pass
 
 
 def step_key(seed: int, step: int) -> jax.Array:
@@ -370,6 +405,7 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     runner = make_runner(tc)
     state = runner.place_state(state)
     print(training.describe_budget(count_params(params), tc, T, len(train_tokens)))
+    lead and print(f"devices: {runner.describe()}")
 
     if start == 0:
         val = evaluate(model, runner.eval_params(state), evals)
@@ -430,13 +466,18 @@ def write_sample(model: GPT, params, tokenizer, tc: TrainConfig, path: Path) -> 
     return text
 
 
+def distributed(args) -> str | None:
+    """The coordinator address of a multi-process run, if this is one."""
+    return args.coordinator or os.environ.get("JAXGPT_COORDINATOR")
+
+
 def init_distributed(args) -> None:
     """Multi-host: jax.distributed.initialize from --coordinator /
     --num-processes / --process-id, or JAXGPT_COORDINATOR / _NUM_PROCESSES /
     _PROCESS_ID. CPU processes talk over gloo. A process that stops sending
     heartbeats for JAXGPT_HEARTBEAT_TIMEOUT seconds (default 60) fails the
     others, so a hung or killed peer never leaves a run waiting forever."""
-    address = args.coordinator or os.environ.get("JAXGPT_COORDINATOR")
+    address = distributed(args)
     if not address:
         return
     num = args.num_processes or int(os.environ.get("JAXGPT_NUM_PROCESSES", "1"))
@@ -453,8 +494,11 @@ def init_distributed(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = training.parse_args(argv, "python -m jaxgpt.train")
     try:
+        cfg = training.load_run_config(args.config, args.overrides, args.resume)
+        if not distributed(args):
+            split_cpu(cfg.train)
         init_distributed(args)
-        run(training.load_run_config(args.config, args.overrides, args.resume), args.resume)
+        run(cfg, args.resume)
     except (*training.ERRORS, training.RunError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -159,7 +159,7 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     from tqdm import tqdm
 
     tc, dc = cfg.train, cfg.data
-    if tc.parallel != "single" or tc.dtype != "float32":
+    if tc.parallel not in ("auto", "single") or tc.dtype != "float32":
         raise training.RunError("torchgpt.train is the single-device float32 reference "
                                 "(train.parallel = \"single\", train.dtype = \"float32\")")
     if tc.init_from is not None:
