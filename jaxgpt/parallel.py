@@ -123,16 +123,21 @@ class MeshRunner(SingleDevice):
 
     def place_batch(self, batch) -> Batch:
         """Each process passes only the rows its devices hold."""
+        if jax.process_count() == 1:
+            return tuple(jax.device_put(tuple(self._check_rows(np.asarray(a)) for a in batch), self.batch_sharding))
         arrays = []
         for a in batch:
-            a = np.asarray(a)
-            if a.shape[1] % self.n_devices:
-                raise ValueError(f"train.batch_size {a.shape[1]} is not divisible by the {self.n_devices} devices")
+            a = self._check_rows(np.asarray(a))
             rows = sorted({idx[1].indices(a.shape[1])[:2] for idx in
                            self.batch_sharding.addressable_devices_indices_map(a.shape).values()})
             local = np.concatenate([a[:, start:stop] for start, stop in rows], axis=1)
             arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, local, a.shape))
         return tuple(arrays)
+
+    def _check_rows(self, a: np.ndarray) -> np.ndarray:
+        if a.shape[1] % self.n_devices:
+            raise ValueError(f"train.batch_size {a.shape[1]} is not divisible by the {self.n_devices} devices")
+        return a
 
     def step(self, state: TrainState, batch: Batch, rng: jax.Array):
         return self._step(state, batch, jax.device_put(rng, self.replicated))

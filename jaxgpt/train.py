@@ -250,6 +250,11 @@ def split_cpu(cfg: TrainConfig) -> None:
 def step_key(seed: int, step: int) -> jax.Array:
     """The dropout key of optimizer step `step`: a function of (seed, step)
     only, so a resumed run draws the same dropout masks."""
+    return _step_key(np.uint32(seed), np.uint32(step))
+
+
+@jax.jit
+def _step_key(seed, step):  # one dispatch per step instead of two eager ops
     return jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
 

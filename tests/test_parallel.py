@@ -5,6 +5,7 @@ device count is fixed when jax starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -105,3 +106,35 @@ def test_two_processes_equal_one(reference, tmp_path):
     for proc in procs:
         finish(proc)
     assert_same(load(tmp_path / "mesh2.npz"), reference)
+
+
+def test_cpu_devices_divide_the_batch():
+    """train.cpu_devices = 0: one device per core, fewer when the batch needs it."""
+    from gptcore.train_config import TrainConfig
+    from jaxgpt.train import cpu_device_count
+    assert cpu_device_count(TrainConfig(batch_size=12), cores=2) == 2
+    assert cpu_device_count(TrainConfig(batch_size=12), cores=8) == 6
+    assert cpu_device_count(TrainConfig(batch_size=7), cores=4) == 1
+    assert cpu_device_count(TrainConfig(batch_size=12, cpu_devices=3), cores=2) == 3
+
+
+def test_cli_default_is_data_parallel_over_cpu_devices(tmp_path):
+    """python -m jaxgpt.train splits the CPU into train.cpu_devices devices and
+    (parallel = "auto") trains data parallel over them: the same losses as
+    one device, to float32 reassociation."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((REPO.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()[:20_000])
+    common = [sys.executable, "-m", "jaxgpt.train", "--config", "debug", f"data.corpus={corpus}",
+              "train.max_steps=20", "train.log_interval=1", "train.sample_tokens=0", "train.batch_size=8",
+              "model.embd_dropout=0.1"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"d{n}"
+        proc = subprocess.run(common + [f"train.cpu_devices={n}", f"train.out_dir={out}"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("devices: 1 CPU device" if n == 1 else "devices: 2 CPU devices, mesh data 2") in proc.stdout
+        runs[n] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = {n: [r["loss"] for r in rs if "loss" in r] for n, rs in runs.items()}
+    assert len(loss[1]) == 20 and np.allclose(loss[2], loss[1], rtol=1e-5, atol=0)

@@ -59,6 +59,7 @@ eval_batches = 1
 log_interval = 1
 keep_checkpoints = 2
 sample_tokens = 0
+cpu_devices = 1  # runs in this process and in child processes compute alike
 [data]
 corpus = "{corpus}"
 """

@@ -149,7 +149,12 @@ def test_kill_and_resume_is_bit_identical(preset, tmp_path):
     same losses at every step."""
     args = ["--config", str(preset), "train.max_steps=300", "train.eval_interval=20", "train.log_interval=1",
             "train.sample_tokens=0", "model.embd_dropout=0.1", "train.grad_accum=2"]
-    assert train.main(args + [f"train.out_dir={tmp_path / 'through'}"]) == 0
+
+    def cli(*extra):  # a fresh process each, so every run splits the CPU the same way (train.cpu_devices)
+        return subprocess.run([sys.executable, "-m", "jaxgpt.train", *args, *extra], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    assert cli(f"train.out_dir={tmp_path / 'through'}").returncode == 0
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.train", *args, f"train.out_dir={killed}"], cwd=REPO,
@@ -166,7 +171,8 @@ def test_kill_and_resume_is_bit_identical(preset, tmp_path):
     at_kill = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert 0 < at_kill < 300 and not (killed / "model").exists()
 
-    assert train.main(args + ["--resume", f"train.out_dir={killed}"]) == 0
+    resumed = cli("--resume", f"train.out_dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     _, through, _ = load_model(tmp_path / "through")
     _, resumed, _ = load_model(killed)
     for a, b in zip(jax.tree_util.tree_leaves(through), jax.tree_util.tree_leaves(resumed)):
