@@ -5,7 +5,11 @@
     python benchmarks/bench_train.py --gpt2-124m              # GPT-2 124M: compile time, tokens/s, MFU
 
 What runs is the real training step of each twin: `jaxgpt.train.train_step`
-on a `jaxgpt.train.create_state` state (jitted, state donated) and
+on a `jaxgpt.train.create_state` state (jitted, state donated) on one XLA
+device, the same step as `python -m jaxgpt.train` runs it by default on a CPU
+host ("jaxgpt, N CPU devices": the host split into one device per core by
+`jaxgpt.train.split_cpu`, a data-parallel mesh over them; --cpu-devices 1
+leaves it out), and
 `torchgpt.train.train_step` on a `torchgpt.train.make_optimizer` optimizer,
 eager and (unless --no-compile) with the model wrapped in `torch.compile`.
 All start from the same initial weights (torch's init, copied into jax with
