@@ -205,6 +205,21 @@ def val_batches(tokens: np.ndarray, block_size: int, train: TrainConfig) -> list
     return eval_batches(tokens, block_size, train.batch_size, train.eval_batches, train.seed)
 
 
+def setup_data(out_dir: Path, run: RunConfig, text: str, tok: Tokenizer,
+               write_files: bool) -> tuple[TrainBatches, list, int]:
+    """Both trainers' data setup: the token files, the training batches, the
+    fixed val batches and the number of train tokens; then, when write_files
+    (a fresh run, the lead process), tokenizer.json and config.json. A corpus
+    too short for one window fails here, before any run file is written."""
+    block_size = run.model.context_length
+    train_tokens, val_tokens = prepare_data(out_dir, run.data, text, tok)
+    batches = TrainBatches(train_tokens, block_size, run.train, run.data)
+    evals = val_batches(val_tokens, block_size, run.train)
+    if write_files:
+        write_run_files(out_dir, run, tok)
+    return batches, evals, len(train_tokens)
+
+
 # -- early stopping -----------------------------------------------------------------
 @dataclass
 class EarlyStopping:

@@ -214,6 +214,10 @@ def make_runner(cfg: TrainConfig):
     several, else the single device."""
     if cfg.parallel == "single" or (cfg.parallel == "auto" and jax.device_count() == 1):
         return SingleDevice()
+    n = jax.local_device_count() if cfg.parallel == "pmap" else jax.device_count()
+    if cfg.batch_size % n:
+        raise training.RunError(f"train.batch_size {cfg.batch_size} is not divisible by the {n} devices "
+                                f"(on a CPU host: set train.cpu_devices to a divisor of it)")
     from jaxgpt import parallel
     return parallel.PmapRunner() if cfg.parallel == "pmap" else parallel.MeshRunner(cfg.fsdp)
 
@@ -375,6 +379,7 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     out = Path(tc.out_dir).expanduser()
     lead = jax.process_index() == 0  # the process that writes files other than checkpoints
     training.check_out_dir(out, resume)
+    runner = make_runner(tc)  # before any file is written: a device count that cannot split the batch fails here
     text = training.load_corpus(dc)
     loaded = None
     if tc.init_from is not None and not resume:  # fine-tuning: params only, the optimizer starts afresh
@@ -388,11 +393,7 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
         cfg.model = training.model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
     mc: ModelConfig = cfg.model
     T = mc.context_length
-    train_tokens, val_tokens = training.prepare_data(out, dc, text, tokenizer)
-    batches = training.TrainBatches(train_tokens, T, tc, dc)  # a corpus too short fails here, before any run file
-    evals = training.val_batches(val_tokens, T, tc)
-    if lead and not resume:
-        training.write_run_files(out, cfg, tokenizer)
+    batches, evals, n_train_tokens = training.setup_data(out, cfg, text, tokenizer, lead and not resume)
     checkpoints = Checkpoints(out / "checkpoints", tc.keep_checkpoints)
 
     model = make_model(mc, tc)
@@ -407,9 +408,8 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
         stopper.load(loop_state["early_stopping"])
         start = int(state.step)
     log = training.MetricsLog(out / training.METRICS_FILE, start if resume else None)
-    runner = make_runner(tc)
     state = runner.place_state(state)
-    print(training.describe_budget(count_params(params), tc, T, len(train_tokens)))
+    print(training.describe_budget(count_params(params), tc, T, n_train_tokens))
     lead and print(f"devices: {runner.describe()}")
 
     if start == 0:

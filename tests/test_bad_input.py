@@ -29,27 +29,11 @@ import torchgpt.train as ttrain
 from jaxgpt.checkpoint import CheckpointError, load_model, save_model
 from jaxgpt.model import params_from_state_dict
 
-REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from helpers import REPO, tiny_preset
 
-PRESET = """
-[model]
-context_length = 16
-d_model = 16
-n_layers = 1
-n_heads = 2
-d_ff = 32
-[train]
-batch_size = 4
-max_steps = 4
-warmup_steps = 1
-eval_interval = 2
-eval_batches = 1
-log_interval = 2
-sample_tokens = 0
-[data]
-corpus = "{corpus}"
-"""
+TINY_MODEL = dict(context_length=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+TINY_TRAIN = dict(batch_size=4, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1, log_interval=2,
+                  sample_tokens=0)
 
 
 class User:
@@ -58,10 +42,8 @@ class User:
 
     def __init__(self, root: Path):
         self.root = root
+        self.preset = tiny_preset(root, 20_000, TINY_MODEL, TINY_TRAIN)
         self.corpus = root / "corpus.txt"
-        self.corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-        self.preset = root / "tiny.toml"
-        self.preset.write_text(PRESET.format(corpus=self.corpus), encoding="utf-8")
         self.run = root / "run"
         assert jtrain.main(["--config", str(self.preset), f"train.out_dir={self.run}"]) == 0
         self.model = self.run / "model"

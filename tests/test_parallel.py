@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, SHAKESPEARE
 
 # Three steps of a tiny model with grad accumulation and clipping, on each
 # runner named in argv[1] (comma-separated); params go to argv[2]/KIND.npz (process 0).
@@ -123,7 +123,7 @@ def test_cli_default_is_data_parallel_over_cpu_devices(tmp_path):
     (parallel = "auto") trains data parallel over them: the same losses as
     one device, to float32 reassociation."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text((REPO.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()[:20_000])
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     common = [sys.executable, "-m", "jaxgpt.train", "--config", "debug", f"data.corpus={corpus}",
               "train.max_steps=20", "train.log_interval=1", "train.sample_tokens=0", "train.batch_size=8",
               "model.embd_dropout=0.1"]
@@ -138,3 +138,13 @@ def test_cli_default_is_data_parallel_over_cpu_devices(tmp_path):
         runs[n] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     loss = {n: [r["loss"] for r in rs if "loss" in r] for n, rs in runs.items()}
     assert len(loss[1]) == 20 and np.allclose(loss[2], loss[1], rtol=1e-5, atol=0)
+
+
+def test_cpu_devices_that_do_not_divide_the_batch_are_a_one_line_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--config", "debug", "train.cpu_devices=3",
+                           "train.batch_size=8", f"train.out_dir={tmp_path / 'r'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+    assert proc.stderr.strip().splitlines()[-1] == ("error: train.batch_size 8 is not divisible by the 3 devices "
+                                                    "(on a CPU host: set train.cpu_devices to a divisor of it)")

@@ -36,43 +36,19 @@ from jaxgpt import train
 from jaxgpt.checkpoint import load_model
 import torchgpt.train as ttrain
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 40  # train.max_steps of PRESET
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from helpers import REPO, tiny_preset
 
-# lr_decay_steps fixed, so a run's schedule does not depend on train.max_steps
-PRESET = """
-[model]
-context_length = 16
-d_model = 16
-n_layers = 1
-n_heads = 2
-d_ff = 32
-embd_dropout = 0.1
-[train]
-batch_size = 4
-max_steps = 40
-lr_decay_steps = 40
-warmup_steps = 2
-eval_interval = 2
-eval_batches = 1
-log_interval = 1
-keep_checkpoints = 2
-sample_tokens = 0
-cpu_devices = 1  # runs in this process and in child processes compute alike
-[data]
-corpus = "{corpus}"
-"""
+STEPS = 40  # train.max_steps of the preset
+
+TINY_MODEL = dict(context_length=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, embd_dropout=0.1)
+TINY_TRAIN = dict(batch_size=4, max_steps=STEPS, lr_decay_steps=STEPS,  # the schedule does not depend on max_steps
+                  warmup_steps=2, eval_interval=2, eval_batches=1, log_interval=1, keep_checkpoints=2,
+                  sample_tokens=0, cpu_devices=1)  # cpu_devices: runs here and in child processes compute alike
 
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("reliability")
-    corpus = root / "corpus.txt"
-    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    path = root / "tiny.toml"
-    path.write_text(PRESET.format(corpus=corpus), encoding="utf-8")
-    return path
+    return tiny_preset(tmp_path_factory.mktemp("reliability"), 20_000, TINY_MODEL, TINY_TRAIN)
 
 
 @pytest.fixture(scope="module")

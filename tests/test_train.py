@@ -26,38 +26,17 @@ from jaxgpt import train
 from jaxgpt.checkpoint import load_model
 from jaxgpt.model import GPT, init_params
 
-REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from helpers import REPO, tiny_preset
 
-PRESET = """
-[model]
-context_length = 32
-d_model = 32
-n_layers = 2
-n_heads = 4
-d_ff = 64
-[train]
-batch_size = 8
-max_steps = 20
-warmup_steps = 5
-eval_interval = 10
-eval_batches = 2
-log_interval = 5
-sample_tokens = 16
-[data]
-corpus = "{corpus}"
-"""
+TINY_MODEL = dict(context_length=32, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+TINY_TRAIN = dict(batch_size=8, max_steps=20, warmup_steps=5, eval_interval=10, eval_batches=2, log_interval=5,
+                  sample_tokens=16)
 
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory) -> Path:
     """A tiny preset on the first 50k characters of tiny Shakespeare."""
-    root = tmp_path_factory.mktemp("train")
-    corpus = root / "corpus.txt"
-    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
-    path = root / "tiny.toml"
-    path.write_text(PRESET.format(corpus=corpus), encoding="utf-8")
-    return path
+    return tiny_preset(tmp_path_factory.mktemp("train"), 50_000, TINY_MODEL, TINY_TRAIN)
 
 
 def losses(run_dir: Path) -> list[tuple]:

@@ -171,11 +171,7 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     cfg.model = training.model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
     mc: ModelConfig = cfg.model
     T = mc.context_length
-    train_tokens, val_tokens = training.prepare_data(out, dc, text, tokenizer)
-    batches = training.TrainBatches(train_tokens, T, tc, dc)  # a corpus too short fails here, before any run file
-    evals = training.val_batches(val_tokens, T, tc)
-    if not resume:
-        training.write_run_files(out, cfg, tokenizer)
+    batches, evals, n_train_tokens = training.setup_data(out, cfg, text, tokenizer, not resume)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(tc.seed)
@@ -188,7 +184,7 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
         start, loop_state = resume_checkpoint(ckpt_dir, model, optimizer)
         stopper.load(loop_state["early_stopping"])
     log = training.MetricsLog(out / training.METRICS_FILE, start if resume else None)
-    print(training.describe_budget(count_params(model), tc, T, len(train_tokens)))
+    print(training.describe_budget(count_params(model), tc, T, n_train_tokens))
 
     if start == 0:
         log.write({"step": 0, "val_loss": evaluate(model, evals, device)})
