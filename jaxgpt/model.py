@@ -126,10 +126,10 @@ class Attention(nn.Module):
             return out, layer_cache
 
         q = q.reshape(B, T, K, H // K, D)  # (B, T, K, G, D)
-        scores = jnp.einsum("BTKGD,BSKD->BKGTS", q, k.astype(q.dtype)) * D ** -0.5
-        probs = ops.masked_softmax(scores, mask[:, None, None, :, :])  # (B, K, G, T, S)
-        probs = ops.dropout(probs, c.attn_dropout, self._rng(c.attn_dropout))
-        out = jnp.einsum("BKGTS,BSKD->BTKGD", probs.astype(v.dtype), v).reshape(B, T, H * D)
+        rng = self._rng(c.attn_dropout)
+        keep = None if rng is None else ops.dropout_keep_mask(rng, c.attn_dropout, (B, K, H // K, T, k.shape[1]))
+        out = ops.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, keep, c.attn_dropout)
+        out = out.reshape(B, T, H * D)
         out = _dense(c, c.d_model, c.out_bias, "out_proj", c.residual_init_std, self.dtype)(out.astype(self.dtype))
         return out, layer_cache  # (B, T, C)
 

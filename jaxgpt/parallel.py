@@ -8,10 +8,14 @@ eval_params, checkpoint_state, metrics):
   `step_fn(..., axis_name="data")` sums gradients, nll and token counts
   over devices before one identical update everywhere.
 - MeshRunner: one `jit` over a Mesh with axes ("data", "fsdp"). The batch
-  is split over both axes; params and optimizer state are split FSDP-style
-  over "fsdp" along their largest axis that "fsdp" divides (replicated
-  otherwise). XLA inserts the all-gathers and reduce-scatters; the program
-  is the single-device step_fn, so the result is the same function.
+  is split over both axes. With fsdp 1 (plain data parallelism, the CPU
+  default) the step is `step_fn(..., axis_name=AXES)` under shard_map, like
+  pmap: one float32 all-reduce carries every gradient (jaxgpt.train.psum_flat),
+  where XLA's own partitioning meets the other devices once per parameter.
+  With fsdp > 1 params and optimizer state are split FSDP-style over "fsdp"
+  along their largest axis that "fsdp" divides (replicated otherwise), and
+  XLA inserts the all-gathers and reduce-scatters into the single-device
+  step_fn: the same function.
 
 Multi-host: after jax.distributed.initialize the mesh spans every process's
 devices and each process feeds only its rows of the global batch
@@ -112,8 +116,14 @@ class MeshRunner(SingleDevice):
 
     def place_state(self, state: TrainState) -> TrainState:
         sharding = self.state_sharding(state)
-        self._step = jax.jit(step_fn, in_shardings=(sharding, self.batch_sharding, self.replicated),
-                             out_shardings=(sharding, self.replicated), donate_argnums=0)
+        if self.fsdp == 1:  # plain data parallelism: each device runs step_fn on its rows
+            local_step = jax.shard_map(functools.partial(step_fn, axis_name=AXES), mesh=self.mesh,
+                                       in_specs=(P(), P(None, AXES, None), P()), out_specs=(P(), P()),
+                                       check_vma=False)
+            self._step = jax.jit(local_step, donate_argnums=0)
+        else:
+            self._step = jax.jit(step_fn, in_shardings=(sharding, self.batch_sharding, self.replicated),
+                                 out_shardings=(sharding, self.replicated), donate_argnums=0)
         if jax.process_count() == 1:
             return jax.device_put(state, sharding)
         # every process holds the whole (host) state; each keeps its shards
