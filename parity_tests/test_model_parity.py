@@ -185,6 +185,49 @@ def test_gradients_of_the_loss_for_every_parameter(option):
         assert max_diff(jgrads[name], g) / scale <= 1e-5, name
 
 
+def test_gradients_through_attention_dropout_gqa_and_empty_rows(monkeypatch):
+    """jaxgpt's attention has a hand-written backward (jaxgpt.ops._attention_bwd):
+    with the same injected dropout masks, grouped-query heads and a fully
+    padded sequence (rows with no visible key), its gradients are torch
+    autograd's."""
+    cfg = DEBUG.replace(position="rope", n_kv_heads=DEBUG.n_heads // 2, attn_dropout=0.25, qkv_bias=True)
+    tmodel, params = twins(cfg)
+    tokens = tokens_for(cfg, batch=3, length=17)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    valid = np.ones(x.shape, bool)
+    valid[1, 11:] = False
+    valid[2, :] = False  # no visible key anywhere in this sequence
+    masks = {}
+
+    def keep(rate, shape):  # one mask per call, the same for both twins (call order: layer by layer)
+        i = len(masks)
+        masks[i] = np.random.default_rng(i).random(int(np.prod(shape))).reshape(shape) >= rate
+        return masks[i]
+
+    monkeypatch.setattr(jops, "dropout_keep_mask", lambda rng, rate, shape: jnp.asarray(keep(rate, shape)))
+
+    def jloss(p):
+        out = jm.GPT(cfg).apply({"params": p}, jnp.asarray(x), valid=jnp.asarray(valid), deterministic=False,
+                                rngs={"dropout": jax.random.PRNGKey(0)})
+        return jops.cross_entropy(out.logits, jnp.asarray(y), jnp.asarray(valid))
+
+    jgrads = jm.state_dict_from_params(jax.grad(jloss)(params))
+    assert len(masks) == cfg.n_layers
+    replay = iter(range(cfg.n_layers))
+    monkeypatch.setattr(tops, "dropout_keep_mask", lambda rate, shape, device: torch.from_numpy(masks[next(replay)].reshape(shape)))
+    tmodel.train()
+    tmodel.zero_grad()
+    try:
+        out = tmodel(torch.from_numpy(x).long(), valid=torch.from_numpy(valid))
+        tops.cross_entropy(out.logits, torch.from_numpy(y).long(), torch.from_numpy(valid)).backward()
+    finally:
+        tmodel.eval()
+    for name, p in tmodel.named_parameters():
+        g = p.grad.numpy()
+        scale = max(float(np.abs(g).max()), 1e-6)
+        assert max_diff(jgrads[name], g) / scale <= 1e-5, name
+
+
 # -- padding -----------------------------------------------------------------
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
