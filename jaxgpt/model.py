@@ -73,16 +73,10 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x):  # (..., C) -> (..., C)
         c = self.cfg
-        h = x.astype(jnp.float32)
-        scale = self.param("scale", nn.initializers.ones, (h.shape[-1],))
-        if c.norm == "layernorm":
-            h = h - h.mean(-1, keepdims=True)
-            h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + c.norm_eps) * scale
-            if c.norm_bias:
-                h = h + self.param("bias", nn.initializers.zeros, (h.shape[-1],))
-        else:
-            h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + c.norm_eps) * scale
-        return h.astype(x.dtype)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        layernorm = c.norm == "layernorm"
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],)) if layernorm and c.norm_bias else None
+        return ops.norm(x.astype(jnp.float32), scale, bias, c.norm_eps, center=layernorm).astype(x.dtype)
 
 
 class Attention(nn.Module):

@@ -75,6 +75,47 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1) * visible
 
 
+# -- normalization -----------------------------------------------------------
+
+def norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, center: bool) -> jax.Array:
+    """LayerNorm (center=True: two-pass variance, mean first) or RMSNorm
+    (center=False) over the last axis, in x's dtype (float32 in the model).
+    The backward is written out; row means are matrix-vector products, since
+    XLA's CPU reductions over a short last axis are slow."""
+    return _norm(x, scale, bias, eps, center)
+
+
+def _row_mean(x):  # full float32 even where fp32 matmuls default to TF32 / bf16 passes
+    return jnp.matmul(x, jnp.full(x.shape[-1], 1.0 / x.shape[-1], x.dtype), precision="highest")[..., None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _norm(x, scale, bias, eps, center):
+    return _norm_fwd(x, scale, bias, eps, center)[0]
+
+
+def _norm_fwd(x, scale, bias, eps, center):
+    h = x - _row_mean(x) if center else x
+    rstd = jax.lax.rsqrt(_row_mean(h * h) + eps)
+    normed = h * rstd
+    out = normed * scale if bias is None else normed * scale + bias
+    return out, (normed, rstd, scale, bias)
+
+
+def _norm_bwd(eps, center, residuals, d_out):
+    normed, rstd, scale, bias = residuals
+    g = d_out * scale
+    inner = g - normed * _row_mean(g * normed)
+    d_x = rstd * (inner - _row_mean(g) if center else inner)
+    rows = d_out.reshape(-1, d_out.shape[-1])
+    ones = jnp.ones(rows.shape[0], d_out.dtype)
+    d_scale = jnp.matmul(ones, rows * normed.reshape(rows.shape), precision="highest")
+    return d_x, d_scale, None if bias is None else jnp.matmul(ones, rows, precision="highest")
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
+
+
 # -- attention ---------------------------------------------------------------
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -120,7 +161,8 @@ def _attention_bwd(rate, residuals, d_out):
     q, k, v, keep, probs, out = residuals
     d_v = jnp.einsum("BKGTS,BKGTD->BKSD", _dropped(probs, keep, rate).astype(v.dtype), d_out)
     d_probs = _dropped(jnp.einsum("BKGTD,BKSD->BKGTS", d_out, v).astype(jnp.float32), keep, rate)
-    row = (d_out.astype(jnp.float32) * out.astype(jnp.float32)) @ jnp.ones(out.shape[-1], jnp.float32)
+    row = jnp.matmul(d_out.astype(jnp.float32) * out.astype(jnp.float32), jnp.ones(out.shape[-1], jnp.float32),
+                     precision="highest")
     d_scores = (probs * (d_probs - row[..., None]) * q.shape[-1] ** -0.5).astype(q.dtype)
     d_q = jnp.einsum("BKGTS,BKSD->BKGTD", d_scores, k)
     d_k = jnp.einsum("BKGTS,BKGTD->BKSD", d_scores, q)

@@ -160,10 +160,18 @@ def test_moe_layer_with_tied_router_columns_shared_expert_and_aux_loss():
 
 # -- gradients ---------------------------------------------------------------
 
-@pytest.mark.parametrize("option", ["dense", "moe"])
+GRADIENT_OPTIONS = {  # DEBUG is pre-RMSNorm; jaxgpt.ops.norm has a hand-written backward
+    "dense": {},
+    "moe": {"n_experts": 4, "top_k": 2, "shared_expert": True},
+    "layernorm_post": {"norm": "layernorm", "norm_placement": "post", "mlp": "gelu"},
+    "layernorm_no_bias": {"norm": "layernorm", "norm_bias": False},
+}
+
+
+@pytest.mark.parametrize("option", GRADIENT_OPTIONS)
 def test_gradients_of_the_loss_for_every_parameter(option):
     cfg = DEBUG.replace(position="learned", aux_loss_coef=0.01, qkv_bias=True, mlp_bias=True,
-                        **({"n_experts": 4, "top_k": 2, "shared_expert": True} if option == "moe" else {}))
+                        **GRADIENT_OPTIONS[option])
     tmodel, params = twins(cfg)
     tokens = tokens_for(cfg, length=17)
     x, y = tokens[:, :-1], tokens[:, 1:]
