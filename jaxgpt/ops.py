@@ -66,13 +66,15 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     padding): its weights are all zero, so its attention output is zero, never
     NaN. Both twins implement exactly this.
     """
-    # The same numbers as softmax(where(mask, scores, min)) zeroed where
-    # masked, in fewer passes over the scores: a hidden key's exp underflows
-    # to exactly 0 unless its whole row is hidden, and those rows are zeroed
-    # by one (..., T, 1) factor instead of a second full-size select.
-    bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
-    visible = mask.any(axis=-1, keepdims=True).astype(jnp.float32)
-    return jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1) * visible
+    # softmax(where(mask, scores, min)) zeroed where masked, in fewer passes:
+    # a hidden key's exp underflows to exactly 0 unless its whole row is
+    # hidden, and those rows are zeroed by one (..., T, 1) factor. The row
+    # sums are a matrix-vector product (XLA's CPU reductions over a short
+    # last axis are slow).
+    scores = scores.astype(jnp.float32) + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
+    e = jnp.exp(scores - scores.max(-1, keepdims=True))
+    total = jnp.matmul(e, jnp.ones(e.shape[-1], e.dtype), precision="highest")[..., None]
+    return e * (mask.any(-1, keepdims=True) / total)
 
 
 # -- normalization -----------------------------------------------------------
