@@ -117,6 +117,8 @@ class MeshRunner(SingleDevice):
     def place_state(self, state: TrainState) -> TrainState:
         sharding = self.state_sharding(state)
         if self.fsdp == 1:  # plain data parallelism: each device runs step_fn on its rows
+            # check_vma=False: with it on, JAX psums the gradients of replicated params itself and
+            # step_fn's own psum would count them twice (tests compare grad norms with one device)
             local_step = jax.shard_map(functools.partial(step_fn, axis_name=AXES), mesh=self.mesh,
                                        in_specs=(P(), P(None, AXES, None), P()), out_specs=(P(), P()),
                                        check_vma=False)

@@ -135,10 +135,11 @@ def loss_fn(params, model: GPT, x, y, valid, rng, n_total, n_micro):
     return objective, (nll_sum, out.aux_loss)
 
 
-def step_fn(state: TrainState, batch: Batch, rng: jax.Array, axis_name: str | None = None):
+def step_fn(state: TrainState, batch: Batch, rng: jax.Array, axis_name: str | tuple[str, ...] | None = None):
     """One optimizer step on `batch` (A micro-batches, gradients accumulated
-    in float32). Under pmap (`axis_name`) each device holds a slice of every
-    micro-batch; gradients, nll and token counts are summed over devices."""
+    in float32). Under pmap or shard_map (`axis_name`) each device holds a
+    slice of every micro-batch and draws its own dropout masks; gradients,
+    nll and token counts are summed over devices."""
     x, y, valid = batch  # (A, B, T) each
     n_micro = x.shape[0]
     n_total = valid.sum().astype(jnp.float32)
@@ -168,7 +169,7 @@ def step_fn(state: TrainState, batch: Batch, rng: jax.Array, axis_name: str | No
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def psum_flat(tree, axis_name: str):
+def psum_flat(tree, axis_name: str | tuple[str, ...]):
     """psum of a pytree as one flat float32 vector: one collective instead of
     one per leaf (XLA's CPU all-reduce meets the other devices once per buffer)."""
     flat, unravel = ravel_pytree(tree)
