@@ -33,10 +33,11 @@ class ModelOutput(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
     """An empty KV cache of `max_len` slots.
 
-    k, v: (L, B, S, K, D); positions: (B, S) position of each cached key;
+    k, v: (L, B, K, S, D), head-major as attention reads them; positions:
+    (B, S) position of each cached key;
     valid: (B, S) slot holds a real (non-padding) key; end: () next free slot.
     """
-    kv_shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    kv_shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     return {
         "k": jnp.zeros(kv_shape, dtype),
         "v": jnp.zeros(kv_shape, dtype),
@@ -92,7 +93,7 @@ class Attention(nn.Module):
     attention_impl: str = "einsum"  # see GPT
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache=None, cache_end=None):
+    def __call__(self, x, positions, mask, kv=None, layer=None, cache_end=None):
         c = self.cfg
         B, T, _ = x.shape
         H, K, D = c.n_heads, c.n_kv_heads, c.head_dim
@@ -109,33 +110,35 @@ class Attention(nn.Module):
         if c.position == "rope":
             q = ops.apply_rope(q, positions, c.rope_base)
             k = ops.apply_rope(k, positions, c.rope_base)
-        if layer_cache is not None:  # write the new keys at slots [end, end + T)
-            k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype), (0, cache_end, 0, 0))
-            v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype), (0, cache_end, 0, 0))
-            layer_cache = (k, v)  # (B, S, K, D) each
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, D): head-major, as cached
+        if kv is not None:  # write this layer's new keys at slots [end, end + T), in place
+            kv = tuple(jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer, 0, 0, cache_end, 0))
+                       for cache, new in zip(kv, (k, v)))  # (L, B, K, S, D) each
+            k, v = kv[0][layer], kv[1][layer]  # (B, K, S, D) each
 
         if self.attention_impl != "einsum":
             out = self._fused(q, k, v, mask).reshape(B, T, H * D)  # (B, T, H*D)
             out = _dense(c, c.d_model, c.out_bias, "out_proj", c.residual_init_std, self.dtype)(out)
-            return out, layer_cache
+            return out, kv
 
-        q = q.reshape(B, T, K, H // K, D)  # (B, T, K, G, D)
+        q = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, D)
         rng = self._rng(c.attn_dropout)
-        keep = None if rng is None else ops.dropout_keep_mask(rng, c.attn_dropout, (B, K, H // K, T, k.shape[1]))
+        keep = None if rng is None else ops.dropout_keep_mask(rng, c.attn_dropout, (B, K, H // K, T, k.shape[2]))
         out = ops.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, keep, c.attn_dropout)
-        out = out.reshape(B, T, H * D)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
         out = _dense(c, c.d_model, c.out_bias, "out_proj", c.residual_init_std, self.dtype)(out.astype(self.dtype))
-        return out, layer_cache  # (B, T, C)
+        return out, kv  # (B, T, C), the updated cache
 
     def _fused(self, q, k, v, mask):
         """jax.nn.dot_product_attention: implementation "xla" (XLA's own
         formulation) or "cudnn" (cuDNN flash attention; bf16 / fp16 only,
-        the boolean mask passed as a bias). (B, T, H, D), (B, S, K, D) x2,
+        the boolean mask passed as a bias). (B, T, H, D), (B, K, S, D) x2,
         (B, T, S) -> (B, T, H, D); GQA groups heads as we do (h -> h // G)."""
         if not self.deterministic and self.cfg.attn_dropout > 0.0:
             raise ValueError(f"attention_impl={self.attention_impl!r} has no attention dropout: "
                              f"set attn_dropout = 0 or use attention_impl=\"einsum\"")
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
+        k, v = (a.transpose(0, 2, 1, 3).astype(q.dtype) for a in (k, v))  # (B, S, K, D), its layout
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
                                            scale=self.cfg.head_dim ** -0.5, implementation=self.attention_impl)
         return jnp.where(mask.any(-1)[:, :, None, None], out, 0.0)  # no visible key: zeros, as masked_softmax
 
@@ -202,14 +205,16 @@ def load_balancing_loss(logits, choice, valid):
 class Block(nn.Module):
     """One transformer layer, pre-norm  x + f(norm(x))  or post-norm
     norm(x + f(x)). The signature fits nn.scan: (carry, per-layer input) ->
-    (carry, per-layer output)."""
+    (carry, per-layer output), the carry being x and the whole (L, ...) KV
+    cache, which layer `layer` updates in place."""
     cfg: ModelConfig
     deterministic: bool = True
     dtype: Any = jnp.float32
     attention_impl: str = "einsum"
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, valid, cache_end):
+    def __call__(self, carry, layer, positions, mask, valid, cache_end):
+        x, kv = carry
         c = self.cfg
         norm1, norm2 = Norm(c, name="norm1"), Norm(c, name="norm2")
         attn = Attention(c, self.deterministic, self.dtype, self.attention_impl, name="attn")
@@ -219,16 +224,16 @@ class Block(nn.Module):
             return mlp(h, valid) if c.is_moe else (mlp(h), jnp.zeros((), jnp.float32))
 
         if c.norm_placement == "pre":
-            h, layer_cache = attn(norm1(x), positions, mask, layer_cache, cache_end)
+            h, kv = attn(norm1(x), positions, mask, kv, layer, cache_end)
             x = x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout))
             h, aux = ffn(norm2(x))
             x = x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout))
         else:
-            h, layer_cache = attn(x, positions, mask, layer_cache, cache_end)
+            h, kv = attn(x, positions, mask, kv, layer, cache_end)
             x = norm1(x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout)))
             h, aux = ffn(x)
             x = norm2(x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout)))
-        return x, (layer_cache, aux)
+        return (x, kv), aux
 
     def _rng(self, rate):
         return None if self.deterministic or rate == 0.0 else self.make_rng("dropout")
@@ -265,11 +270,11 @@ class GPT(nn.Module):
         if valid is None:
             valid = jnp.ones((B, T), bool)
         if cache is None:
-            kv_positions, kv_valid, layer_caches = positions, valid, None
+            kv_positions, kv_valid, kv = positions, valid, None
         else:
             kv_positions = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, offset))
             kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, offset))
-            layer_caches = (cache["k"], cache["v"])  # (L, B, S, K, D) each
+            kv = (cache["k"], cache["v"])  # (L, B, K, S, D) each
         mask = ops.attention_mask(positions, kv_positions, kv_valid)  # (B, T, S)
 
         tok_emb = nn.Embed(c.vocab_size, c.d_model, name="tok_emb",
@@ -288,20 +293,15 @@ class GPT(nn.Module):
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                              length=c.n_layers)
-            x, (layer_caches, aux) = blocks(c, deterministic, self.dtype, self.attention_impl, name="blocks")(
-                x, layer_caches, positions, mask, valid, offset)
+            (x, kv), aux = blocks(c, deterministic, self.dtype, self.attention_impl, name="blocks")(
+                (x, kv), jnp.arange(c.n_layers), positions, mask, valid, offset)
         else:
-            new_caches, aux = [], []
+            aux = []
             for i in range(c.n_layers):
-                layer_cache = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-                x, (layer_cache, layer_aux) = block(c, deterministic, self.dtype, self.attention_impl,
-                                                    name=f"blocks_{i}")(
-                    x, layer_cache, positions, mask, valid, offset)
-                new_caches.append(layer_cache)
+                (x, kv), layer_aux = block(c, deterministic, self.dtype, self.attention_impl, name=f"blocks_{i}")(
+                    (x, kv), i, positions, mask, valid, offset)
                 aux.append(layer_aux)
             aux = jnp.stack(aux)
-            if layer_caches is not None:
-                layer_caches = tuple(jnp.stack([lc[j] for lc in new_caches]) for j in range(2))
 
         if c.norm_placement == "pre":  # post-norm blocks already end in a norm
             x = Norm(c, name="norm_f")(x)
@@ -314,7 +314,7 @@ class GPT(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = {"k": layer_caches[0], "v": layer_caches[1], "positions": kv_positions,
+            new_cache = {"k": kv[0], "v": kv[1], "positions": kv_positions,
                          "valid": kv_valid, "end": offset + T}
         return ModelOutput(logits.astype(jnp.float32), new_cache, aux.mean())
 

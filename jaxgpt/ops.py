@@ -122,22 +122,20 @@ _norm.defvjp(_norm_fwd, _norm_bwd)
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
               keep: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
-    """softmax(q k^T / sqrt(D), mask) v with grouped queries.
+    """softmax(q k^T / sqrt(D), mask) v, head-major, with grouped queries.
 
-    (B, T, K, G, D) queries, (B, S, K, D) keys and values, (B, T, S) mask ->
-    (B, T, K, G, D). `keep`: a (B, K, G, T, S) dropout keep-mask applied to
-    the probabilities with `rate`. Computed head-major with a key/value
-    head's G query heads as one block of G*T rows, (B, K, G*T, D), so every
-    product is a plain batched matmul and no (B, K, G, T, S) tensor needs a
-    layout copy; the backward is written out (_attention_bwd).
+    (B, K, G, T, D) queries, (B, K, S, D) keys and values, (B, T, S) mask ->
+    (B, K, G, T, D). `keep`: a (B, K, G, T, S) dropout keep-mask applied to
+    the probabilities with `rate`. A key/value head's G query heads are one
+    block of G*T rows, (B, K, G*T, D), so every product is a plain batched
+    matmul and no (B, K, G, T, S) tensor needs a layout copy; the backward is
+    written out (_attention_bwd).
     """
-    B, T, K, G, D = q.shape
-    q = q.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, D)
-    mask = jnp.broadcast_to(mask[:, None, None], (B, 1, G, T, mask.shape[-1])).reshape(B, 1, G * T, -1)
-    keep = None if keep is None else keep.reshape(B, K, G * T, -1)
-    out = _attention(q, k, v, mask, keep, rate)  # (B, K, G*T, D)
-    return out.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4)
+    B, K, G, T, D = q.shape
+    S = k.shape[2]
+    mask = jnp.broadcast_to(mask[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+    keep = None if keep is None else keep.reshape(B, K, G * T, S)
+    return _attention(q.reshape(B, K, G * T, D), k, v, mask, keep, rate).reshape(B, K, G, T, D)
 
 
 def _attention_probs(q, k, mask):

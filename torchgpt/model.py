@@ -33,10 +33,11 @@ class ModelOutput(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None) -> Cache:
     """An empty KV cache of `max_len` slots.
 
-    k, v: (L, B, S, K, D); positions: (B, S) position of each cached key;
+    k, v: (L, B, K, S, D), head-major as attention reads them; positions:
+    (B, S) position of each cached key;
     valid: (B, S) slot holds a real (non-padding) key; end: () next free slot.
     """
-    kv_shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    kv_shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     return {
         "k": torch.zeros(kv_shape, dtype=dtype, device=device),
         "v": torch.zeros(kv_shape, dtype=dtype, device=device),
@@ -57,8 +58,9 @@ def Norm(cfg: ModelConfig) -> nn.Module:
 class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query causal self-attention.
 
-    Query head h reads key/value head h // G: K and V are repeat-interleaved
-    ([k0, k0, k1, k1] for G = 2), never tiled.
+    Query head h reads key/value head h // G (repeat-interleave grouping,
+    [k0, k0, k1, k1] for G = 2); queries are grouped as (K, G) instead of
+    repeating K and V in memory.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -72,7 +74,7 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(c.d_model, c.kv_dim, bias=c.qkv_bias)
         self.out_proj = nn.Linear(c.q_dim, c.d_model, bias=c.out_bias)
 
-    def forward(self, x, positions, mask, layer_cache=None, cache_end=None):
+    def forward(self, x, positions, mask, kv=None, layer=None, cache_end=None):
         c = self.cfg
         B, T, _ = x.shape
         H, K, D = c.n_heads, c.n_kv_heads, c.head_dim
@@ -86,19 +88,19 @@ class Attention(nn.Module):
         if c.position == "rope":
             q = ops.apply_rope(q, positions, c.rope_base)
             k = ops.apply_rope(k, positions, c.rope_base)
-        if layer_cache is not None:  # write the new keys at slots [end, end + T)
-            layer_cache[0][:, cache_end:cache_end + T] = k
-            layer_cache[1][:, cache_end:cache_end + T] = v
-            k, v = layer_cache  # (B, S, K, D) each
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D): head-major, as cached
+        if kv is not None:  # write this layer's new keys at slots [end, end + T), in place
+            kv[0][layer, :, :, cache_end:cache_end + T] = k
+            kv[1][layer, :, :, cache_end:cache_end + T] = v  # (L, B, K, S, D) each
+            k, v = kv[0][layer], kv[1][layer]  # (B, K, S, D) each
 
-        q = q.transpose(1, 2)  # (B, H, T, D)
-        k = k.to(q.dtype).repeat_interleave(H // K, dim=2).transpose(1, 2)  # (B, H, S, D)
-        v = v.to(q.dtype).repeat_interleave(H // K, dim=2).transpose(1, 2)  # (B, H, S, D)
-        scores = (q @ k.transpose(-2, -1)) * D ** -0.5  # (B, H, T, S)
-        probs = ops.masked_softmax(scores, mask[:, None, :, :])
-        probs = ops.dropout(probs, c.attn_dropout, self.training)
-        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
-        return self.out_proj(out), layer_cache  # (B, T, C)
+        q = q.view(B, T, K, H // K, D).permute(0, 2, 3, 1, 4)  # (B, K, G, T, D)
+        keep = None
+        if self.training and c.attn_dropout > 0.0:
+            keep = ops.dropout_keep_mask(c.attn_dropout, (B, K, H // K, T, k.shape[2]), x.device)
+        out = ops.attention(q, k.to(q.dtype), v.to(q.dtype), mask, keep, c.attn_dropout)
+        out = out.permute(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.out_proj(out), kv  # (B, T, C), the updated cache
 
 
 class MLP(nn.Module):
@@ -166,7 +168,7 @@ def load_balancing_loss(logits, choice, valid):
 
 class Block(nn.Module):
     """One transformer layer, pre-norm  x + f(norm(x))  or post-norm
-    norm(x + f(x))."""
+    norm(x + f(x)); layer `layer` of the (L, ...) KV cache, written in place."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -175,23 +177,23 @@ class Block(nn.Module):
         self.attn = Attention(c)
         self.mlp = MoE(c) if c.is_moe else MLP(c)
 
-    def forward(self, x, layer_cache, positions, mask, valid, cache_end):
+    def forward(self, x, kv, layer, positions, mask, valid, cache_end):
         c = self.cfg
 
         def ffn(h):
             return self.mlp(h, valid) if c.is_moe else (self.mlp(h), torch.zeros((), device=h.device))
 
         if c.norm_placement == "pre":
-            h, layer_cache = self.attn(self.norm1(x), positions, mask, layer_cache, cache_end)
+            h, kv = self.attn(self.norm1(x), positions, mask, kv, layer, cache_end)
             x = x + ops.dropout(h, c.resid_dropout, self.training)
             h, aux = ffn(self.norm2(x))
             x = x + ops.dropout(h, c.resid_dropout, self.training)
         else:
-            h, layer_cache = self.attn(x, positions, mask, layer_cache, cache_end)
+            h, kv = self.attn(x, positions, mask, kv, layer, cache_end)
             x = self.norm1(x + ops.dropout(h, c.resid_dropout, self.training))
             h, aux = ffn(x)
             x = self.norm2(x + ops.dropout(h, c.resid_dropout, self.training))
-        return x, (layer_cache, aux)
+        return x, aux
 
 
 class GPT(nn.Module):
@@ -234,12 +236,12 @@ class GPT(nn.Module):
         if valid is None:
             valid = torch.ones((B, T), dtype=torch.bool, device=tokens.device)
         if cache is None:
-            kv_positions, kv_valid, layer_caches = positions, valid, None
+            kv_positions, kv_valid, kv = positions, valid, None
         else:
             kv_positions, kv_valid = cache["positions"], cache["valid"]
             kv_positions[:, offset:offset + T] = positions
             kv_valid[:, offset:offset + T] = valid
-            layer_caches = (cache["k"], cache["v"])  # (L, B, S, K, D) each
+            kv = (cache["k"], cache["v"])  # (L, B, K, S, D) each
         mask = ops.attention_mask(positions, kv_positions, kv_valid)  # (B, T, S)
 
         x = self.tok_emb(tokens)  # (B, T, C)
@@ -251,8 +253,7 @@ class GPT(nn.Module):
 
         aux = []
         for i, block in enumerate(self.blocks):
-            layer_cache = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-            x, (_, layer_aux) = block(x, layer_cache, positions, mask, valid, offset)
+            x, layer_aux = block(x, kv, i, positions, mask, valid, offset)
             aux.append(layer_aux)
         aux = torch.stack(aux)
 

@@ -68,6 +68,27 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=-1).masked_fill(~mask, 0.0)
 
 
+# -- attention ---------------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              keep: torch.Tensor | None = None, rate: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), mask) v, head-major, with grouped queries.
+
+    (B, K, G, T, D) queries, (B, K, S, D) keys and values, (B, T, S) mask ->
+    (B, K, G, T, D). `keep`: a (B, K, G, T, S) dropout keep-mask applied to
+    the probabilities with `rate`. A key/value head's G query heads are one
+    block of G*T rows, (B, K, G*T, D); autograd writes the backward.
+    """
+    B, K, G, T, D = q.shape
+    S = k.shape[2]
+    mask = mask[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+    scores = (q.reshape(B, K, G * T, D) @ k.transpose(-2, -1)) * D ** -0.5  # (B, K, G*T, S)
+    probs = masked_softmax(scores, mask)
+    if keep is not None:
+        probs = torch.where(keep.reshape(B, K, G * T, S), probs / (1.0 - rate), 0.0)
+    return (probs.to(v.dtype) @ v).view(B, K, G, T, D)
+
+
 # -- activations -------------------------------------------------------------
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
