@@ -20,6 +20,7 @@ from gptcore.config import ConfigError, ModelConfig
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 SAFETENSORS_FILE = "model.safetensors"
+RUN_MODEL_DIR = "model"  # the train CLIs export a run's model to OUT_DIR/model
 
 
 class CheckpointError(ValueError):
@@ -46,6 +47,15 @@ def write_model_dir(directory: str | Path, cfg: ModelConfig, tokenizer_file: str
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
+    return directory
+
+
+def find_model_dir(directory: str | Path, weights: tuple[str, ...]) -> Path:
+    """`directory` as an absolute path, or its model/ when it is a training
+    run directory (it holds none of `weights` itself)."""
+    directory = Path(directory).absolute()
+    if not any((directory / w).exists() for w in weights) and (directory / RUN_MODEL_DIR / CONFIG_FILE).is_file():
+        return directory / RUN_MODEL_DIR
     return directory
 
 

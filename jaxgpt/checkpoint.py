@@ -24,12 +24,11 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 
 from gptcore.config import ModelConfig
-from gptcore.model_dir import (CONFIG_FILE, SAFETENSORS_FILE, CheckpointError, read_model_config,  # noqa: F401
-                               tokenizer_path, write_model_dir)
+from gptcore.model_dir import (CONFIG_FILE, SAFETENSORS_FILE, CheckpointError, find_model_dir,  # noqa: F401
+                               read_model_config, tokenizer_path, write_model_dir)
 from jaxgpt.model import param_shapes, params_from_state_dict, stack_layers, state_dict_from_params, unstack_layers
 
 PARAMS_DIR = "params"
-RUN_MODEL_DIR = "model"  # jaxgpt.train exports a run's model to OUT_DIR/model
 
 
 def save_model(directory: str | Path, params, cfg: ModelConfig, tokenizer_file: str | Path | None = None,
@@ -53,10 +52,7 @@ def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[Mod
     stacks them for a scanned model.
     """
 
-    directory = Path(directory).absolute()
-    weights = (PARAMS_DIR, SAFETENSORS_FILE)
-    if not any((directory / w).exists() for w in weights) and (directory / RUN_MODEL_DIR / CONFIG_FILE).is_file():
-        directory = directory / RUN_MODEL_DIR  # a training run directory: its exported model
+    directory = find_model_dir(directory, (PARAMS_DIR, SAFETENSORS_FILE))
     cfg = read_model_config(directory)
     target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(cfg))
     if not (directory / PARAMS_DIR).is_dir() and (directory / SAFETENSORS_FILE).is_file():

@@ -33,14 +33,15 @@ class ModelOutput(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
     """An empty KV cache of `max_len` slots.
 
-    k, v: (L, B, K, S, D), head-major as attention reads them; positions:
-    (B, S) position of each cached key;
+    k, v: one (B, K, S, D) array per layer (head-major, as attention reads
+    them; separate arrays, so a decode step updates each in place and copies
+    none); positions: (B, S) position of each cached key;
     valid: (B, S) slot holds a real (non-padding) key; end: () next free slot.
     """
-    kv_shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+    kv_shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     return {
-        "k": jnp.zeros(kv_shape, dtype),
-        "v": jnp.zeros(kv_shape, dtype),
+        "k": tuple(jnp.zeros(kv_shape, dtype) for _ in range(cfg.n_layers)),
+        "v": tuple(jnp.zeros(kv_shape, dtype) for _ in range(cfg.n_layers)),
         "positions": jnp.zeros((batch, max_len), jnp.int32),
         "valid": jnp.zeros((batch, max_len), bool),
         "end": jnp.zeros((), jnp.int32),
@@ -93,7 +94,7 @@ class Attention(nn.Module):
     attention_impl: str = "einsum"  # see GPT
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv=None, layer=None, cache_end=None):
+    def __call__(self, x, positions, mask, layer_cache=None, cache_end=None):
         c = self.cfg
         B, T, _ = x.shape
         H, K, D = c.n_heads, c.n_kv_heads, c.head_dim
@@ -111,15 +112,15 @@ class Attention(nn.Module):
             q = ops.apply_rope(q, positions, c.rope_base)
             k = ops.apply_rope(k, positions, c.rope_base)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, D): head-major, as cached
-        if kv is not None:  # write this layer's new keys at slots [end, end + T), in place
-            kv = tuple(jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer, 0, 0, cache_end, 0))
-                       for cache, new in zip(kv, (k, v)))  # (L, B, K, S, D) each
-            k, v = kv[0][layer], kv[1][layer]  # (B, K, S, D) each
+        if layer_cache is not None:  # write the new keys at slots [end, end + T)
+            k, v = (jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, 0, cache_end, 0))
+                    for cache, new in zip(layer_cache, (k, v)))
+            layer_cache = (k, v)  # (B, K, S, D) each
 
         if self.attention_impl != "einsum":
             out = self._fused(q, k, v, mask).reshape(B, T, H * D)  # (B, T, H*D)
             out = _dense(c, c.d_model, c.out_bias, "out_proj", c.residual_init_std, self.dtype)(out)
-            return out, kv
+            return out, layer_cache
 
         q = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, D)
         rng = self._rng(c.attn_dropout)
@@ -127,7 +128,7 @@ class Attention(nn.Module):
         out = ops.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, keep, c.attn_dropout)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
         out = _dense(c, c.d_model, c.out_bias, "out_proj", c.residual_init_std, self.dtype)(out.astype(self.dtype))
-        return out, kv  # (B, T, C), the updated cache
+        return out, layer_cache  # (B, T, C)
 
     def _fused(self, q, k, v, mask):
         """jax.nn.dot_product_attention: implementation "xla" (XLA's own
@@ -205,16 +206,14 @@ def load_balancing_loss(logits, choice, valid):
 class Block(nn.Module):
     """One transformer layer, pre-norm  x + f(norm(x))  or post-norm
     norm(x + f(x)). The signature fits nn.scan: (carry, per-layer input) ->
-    (carry, per-layer output), the carry being x and the whole (L, ...) KV
-    cache, which layer `layer` updates in place."""
+    (carry, per-layer output)."""
     cfg: ModelConfig
     deterministic: bool = True
     dtype: Any = jnp.float32
     attention_impl: str = "einsum"
 
     @nn.compact
-    def __call__(self, carry, layer, positions, mask, valid, cache_end):
-        x, kv = carry
+    def __call__(self, x, layer_cache, positions, mask, valid, cache_end):
         c = self.cfg
         norm1, norm2 = Norm(c, name="norm1"), Norm(c, name="norm2")
         attn = Attention(c, self.deterministic, self.dtype, self.attention_impl, name="attn")
@@ -224,16 +223,16 @@ class Block(nn.Module):
             return mlp(h, valid) if c.is_moe else (mlp(h), jnp.zeros((), jnp.float32))
 
         if c.norm_placement == "pre":
-            h, kv = attn(norm1(x), positions, mask, kv, layer, cache_end)
+            h, layer_cache = attn(norm1(x), positions, mask, layer_cache, cache_end)
             x = x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout))
             h, aux = ffn(norm2(x))
             x = x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout))
         else:
-            h, kv = attn(x, positions, mask, kv, layer, cache_end)
+            h, layer_cache = attn(x, positions, mask, layer_cache, cache_end)
             x = norm1(x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout)))
             h, aux = ffn(x)
             x = norm2(x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout)))
-        return (x, kv), aux
+        return x, (layer_cache, aux)
 
     def _rng(self, rate):
         return None if self.deterministic or rate == 0.0 else self.make_rng("dropout")
@@ -270,11 +269,11 @@ class GPT(nn.Module):
         if valid is None:
             valid = jnp.ones((B, T), bool)
         if cache is None:
-            kv_positions, kv_valid, kv = positions, valid, None
+            kv_positions, kv_valid, layer_caches = positions, valid, None
         else:
             kv_positions = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, offset))
             kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, offset))
-            kv = (cache["k"], cache["v"])  # (L, B, K, S, D) each
+            layer_caches = list(zip(cache["k"], cache["v"]))  # per layer: (B, K, S, D) k and v
         mask = ops.attention_mask(positions, kv_positions, kv_valid)  # (B, T, S)
 
         tok_emb = nn.Embed(c.vocab_size, c.d_model, name="tok_emb",
@@ -293,13 +292,19 @@ class GPT(nn.Module):
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                              length=c.n_layers)
-            (x, kv), aux = blocks(c, deterministic, self.dtype, self.attention_impl, name="blocks")(
-                (x, kv), jnp.arange(c.n_layers), positions, mask, valid, offset)
+            stacked = None if cache is None else tuple(jnp.stack(a) for a in (cache["k"], cache["v"]))
+            x, (stacked, aux) = blocks(c, deterministic, self.dtype, self.attention_impl, name="blocks")(
+                x, stacked, positions, mask, valid, offset)  # cache (L, B, K, S, D): copied in and out
+            if cache is not None:
+                layer_caches = [(stacked[0][i], stacked[1][i]) for i in range(c.n_layers)]
         else:
             aux = []
             for i in range(c.n_layers):
-                (x, kv), layer_aux = block(c, deterministic, self.dtype, self.attention_impl, name=f"blocks_{i}")(
-                    (x, kv), i, positions, mask, valid, offset)
+                x, (layer_cache, layer_aux) = block(c, deterministic, self.dtype, self.attention_impl,
+                                                    name=f"blocks_{i}")(
+                    x, None if cache is None else layer_caches[i], positions, mask, valid, offset)
+                if cache is not None:
+                    layer_caches[i] = layer_cache
                 aux.append(layer_aux)
             aux = jnp.stack(aux)
 
@@ -314,7 +319,7 @@ class GPT(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = {"k": kv[0], "v": kv[1], "positions": kv_positions,
+            new_cache = {"k": tuple(k for k, _ in layer_caches), "v": tuple(v for _, v in layer_caches), "positions": kv_positions,
                          "valid": kv_valid, "end": offset + T}
         return ModelOutput(logits.astype(jnp.float32), new_cache, aux.mean())
 

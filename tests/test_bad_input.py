@@ -180,6 +180,8 @@ CASES = {
     # torchgpt.train
     "torch_train_unknown_decay": (ttrain.main, lambda u, o: train_args(u, o, "train.decay=some"), "decay: 'some'"),
     "torch_train_parallel": (ttrain.main, lambda u, o: train_args(u, o, "train.parallel=pmap"), "single-device"),
+    "torch_train_init_from_missing": (ttrain.main, lambda u, o: train_args(u, o, f"train.init_from={u.root / 'nope'}"),
+                                      "no config.json"),
     "torch_train_resume_garbage_pt": (
         ttrain.main, lambda u, o: train_args(u, garbage_latest_pt(u.copy(u.run, "garbage_pt_run")), "--resume"),
         "latest.pt"),

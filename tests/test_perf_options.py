@@ -117,3 +117,24 @@ def test_scan_layers_run_writes_the_unrolled_layout(tmp_path):
     assert train.main(argv) == 0
     cfg, params, _ = load_model(out / "model")
     assert "blocks" not in params and f"blocks_{cfg.n_layers - 1}" in params
+
+
+def test_scanned_model_decodes_with_the_cache_like_the_unrolled_one():
+    """scan_layers stacks the per-layer KV cache for the scan and splits it
+    after: prefill + one decode step give the unrolled model's logits and cache."""
+    from jaxgpt.model import init_cache
+    params = init_params(CFG, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 6)), jnp.int32)
+    results = []
+    for scan, p in ((False, params), (True, stack_layers(params, CFG.n_layers))):
+        model = GPT(CFG, scan_layers=scan)
+        out = model.apply({"params": p}, tokens[:, :5], cache=init_cache(CFG, 2, 8))
+        step = model.apply({"params": p}, tokens[:, 5:], cache=out.cache)
+        results.append((out.logits, step.logits, step.cache))
+    (logits, step_logits, cache), (s_logits, s_step_logits, s_cache) = results
+    np.testing.assert_allclose(s_logits, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s_step_logits, step_logits, rtol=1e-5, atol=1e-5)
+    assert len(s_cache["k"]) == CFG.n_layers and int(s_cache["end"]) == 6
+    for a, b in zip(jax.tree_util.tree_leaves(s_cache), jax.tree_util.tree_leaves(cache)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(cache["k"][0][:, :, 5])).max() > 0  # the step wrote slot 5

@@ -18,7 +18,8 @@ from pathlib import Path
 import safetensors.torch
 
 from gptcore.config import ModelConfig
-from gptcore.model_dir import SAFETENSORS_FILE, CheckpointError, read_model_config, tokenizer_path, write_model_dir  # noqa: F401
+from gptcore.model_dir import (SAFETENSORS_FILE, CheckpointError, find_model_dir, read_model_config,  # noqa: F401
+                               tokenizer_path, write_model_dir)
 from torchgpt.model import GPT
 
 
@@ -35,8 +36,9 @@ def save_model(directory: str | Path, model: GPT, cfg: ModelConfig, tokenizer_fi
 
 
 def load_model(directory: str | Path) -> tuple[ModelConfig, GPT, Path | None]:
-    """(config, model in eval mode, tokenizer.json path or None) of a model directory."""
-    directory = Path(directory).absolute()
+    """(config, model in eval mode, tokenizer.json path or None) of a model
+    directory, or of a training run directory holding one as model/."""
+    directory = find_model_dir(directory, (SAFETENSORS_FILE,))
     cfg = read_model_config(directory)
     if not (directory / SAFETENSORS_FILE).is_file():
         raise CheckpointError(f"{directory}: no {SAFETENSORS_FILE}")

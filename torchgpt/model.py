@@ -33,14 +33,14 @@ class ModelOutput(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None) -> Cache:
     """An empty KV cache of `max_len` slots.
 
-    k, v: (L, B, K, S, D), head-major as attention reads them; positions:
-    (B, S) position of each cached key;
+    k, v: one (B, K, S, D) tensor per layer (head-major, as attention reads
+    them); positions: (B, S) position of each cached key;
     valid: (B, S) slot holds a real (non-padding) key; end: () next free slot.
     """
-    kv_shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+    kv_shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     return {
-        "k": torch.zeros(kv_shape, dtype=dtype, device=device),
-        "v": torch.zeros(kv_shape, dtype=dtype, device=device),
+        "k": tuple(torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)),
+        "v": tuple(torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)),
         "positions": torch.zeros((batch, max_len), dtype=torch.int32, device=device),
         "valid": torch.zeros((batch, max_len), dtype=torch.bool, device=device),
         "end": torch.zeros((), dtype=torch.int32),
@@ -74,7 +74,7 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(c.d_model, c.kv_dim, bias=c.qkv_bias)
         self.out_proj = nn.Linear(c.q_dim, c.d_model, bias=c.out_bias)
 
-    def forward(self, x, positions, mask, kv=None, layer=None, cache_end=None):
+    def forward(self, x, positions, mask, layer_cache=None, cache_end=None):
         c = self.cfg
         B, T, _ = x.shape
         H, K, D = c.n_heads, c.n_kv_heads, c.head_dim
@@ -89,10 +89,10 @@ class Attention(nn.Module):
             q = ops.apply_rope(q, positions, c.rope_base)
             k = ops.apply_rope(k, positions, c.rope_base)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D): head-major, as cached
-        if kv is not None:  # write this layer's new keys at slots [end, end + T), in place
-            kv[0][layer, :, :, cache_end:cache_end + T] = k
-            kv[1][layer, :, :, cache_end:cache_end + T] = v  # (L, B, K, S, D) each
-            k, v = kv[0][layer], kv[1][layer]  # (B, K, S, D) each
+        if layer_cache is not None:  # write the new keys at slots [end, end + T)
+            layer_cache[0][:, :, cache_end:cache_end + T] = k
+            layer_cache[1][:, :, cache_end:cache_end + T] = v
+            k, v = layer_cache  # (B, K, S, D) each
 
         q = q.view(B, T, K, H // K, D).permute(0, 2, 3, 1, 4)  # (B, K, G, T, D)
         keep = None
@@ -100,7 +100,7 @@ class Attention(nn.Module):
             keep = ops.dropout_keep_mask(c.attn_dropout, (B, K, H // K, T, k.shape[2]), x.device)
         out = ops.attention(q, k.to(q.dtype), v.to(q.dtype), mask, keep, c.attn_dropout)
         out = out.permute(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
-        return self.out_proj(out), kv  # (B, T, C), the updated cache
+        return self.out_proj(out), layer_cache  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -168,7 +168,7 @@ def load_balancing_loss(logits, choice, valid):
 
 class Block(nn.Module):
     """One transformer layer, pre-norm  x + f(norm(x))  or post-norm
-    norm(x + f(x)); layer `layer` of the (L, ...) KV cache, written in place."""
+    norm(x + f(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -177,23 +177,23 @@ class Block(nn.Module):
         self.attn = Attention(c)
         self.mlp = MoE(c) if c.is_moe else MLP(c)
 
-    def forward(self, x, kv, layer, positions, mask, valid, cache_end):
+    def forward(self, x, layer_cache, positions, mask, valid, cache_end):
         c = self.cfg
 
         def ffn(h):
             return self.mlp(h, valid) if c.is_moe else (self.mlp(h), torch.zeros((), device=h.device))
 
         if c.norm_placement == "pre":
-            h, kv = self.attn(self.norm1(x), positions, mask, kv, layer, cache_end)
+            h, layer_cache = self.attn(self.norm1(x), positions, mask, layer_cache, cache_end)
             x = x + ops.dropout(h, c.resid_dropout, self.training)
             h, aux = ffn(self.norm2(x))
             x = x + ops.dropout(h, c.resid_dropout, self.training)
         else:
-            h, kv = self.attn(x, positions, mask, kv, layer, cache_end)
+            h, layer_cache = self.attn(x, positions, mask, layer_cache, cache_end)
             x = self.norm1(x + ops.dropout(h, c.resid_dropout, self.training))
             h, aux = ffn(x)
             x = self.norm2(x + ops.dropout(h, c.resid_dropout, self.training))
-        return x, aux
+        return x, (layer_cache, aux)
 
 
 class GPT(nn.Module):
@@ -236,12 +236,12 @@ class GPT(nn.Module):
         if valid is None:
             valid = torch.ones((B, T), dtype=torch.bool, device=tokens.device)
         if cache is None:
-            kv_positions, kv_valid, kv = positions, valid, None
+            kv_positions, kv_valid, layer_caches = positions, valid, None
         else:
             kv_positions, kv_valid = cache["positions"], cache["valid"]
             kv_positions[:, offset:offset + T] = positions
             kv_valid[:, offset:offset + T] = valid
-            kv = (cache["k"], cache["v"])  # (L, B, K, S, D) each
+            layer_caches = list(zip(cache["k"], cache["v"]))  # per layer: (B, K, S, D) k and v
         mask = ops.attention_mask(positions, kv_positions, kv_valid)  # (B, T, S)
 
         x = self.tok_emb(tokens)  # (B, T, C)
@@ -253,7 +253,7 @@ class GPT(nn.Module):
 
         aux = []
         for i, block in enumerate(self.blocks):
-            x, layer_aux = block(x, kv, i, positions, mask, valid, offset)
+            x, (_, layer_aux) = block(x, None if cache is None else layer_caches[i], positions, mask, valid, offset)
             aux.append(layer_aux)
         aux = torch.stack(aux)
 

@@ -29,7 +29,7 @@ from gptcore import training
 from gptcore.config import ModelConfig
 from gptcore.train_config import TrainConfig, lr_at
 from torchgpt import ops
-from torchgpt.checkpoint import save_model
+from torchgpt.checkpoint import CheckpointError, load_model, save_model
 from torchgpt.model import GPT, count_params
 
 
@@ -162,20 +162,29 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     if tc.parallel not in ("auto", "single") or tc.dtype != "float32":
         raise training.RunError("torchgpt.train is the single-device float32 reference "
                                 "(train.parallel = \"single\", train.dtype = \"float32\")")
-    if tc.init_from is not None:
-        raise training.RunError("fine-tuning (train.init_from) is implemented in jaxgpt.train")
     out = Path(tc.out_dir).expanduser()
     training.check_out_dir(out, resume)
     text = training.load_corpus(dc)
-    tokenizer = training.setup_tokenizer(out, dc, text, resume)
-    cfg.model = training.model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
+    loaded = None
+    if tc.init_from is not None and not resume:  # fine-tuning: weights only, the optimizer starts afresh
+        loaded = load_model(tc.init_from)
+        if loaded[2] is None:
+            raise CheckpointError(f"{tc.init_from}: no tokenizer.json to fine-tune with")
+    tokenizer = training.setup_tokenizer(out, dc, text, resume, loaded[2] if loaded else None)
+    if loaded:
+        cfg.model = training.finetune_config(loaded[0], cfg.tables)
+    else:
+        cfg.model = training.model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
     mc: ModelConfig = cfg.model
     T = mc.context_length
     batches, evals, n_train_tokens = training.setup_data(out, cfg, text, tokenizer, not resume)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(tc.seed)
-    model = GPT(mc).to(device)
+    model = GPT(mc)
+    if loaded:
+        model.load_state_dict(loaded[1].state_dict())
+    model = model.to(device)
     optimizer = make_optimizer(model, tc)
     stopper = training.EarlyStopping(tc.patience, tc.min_delta)
     ckpt_dir = out / "checkpoints"
@@ -237,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = training.parse_args(argv, "python -m torchgpt.train")
     try:
         run(training.load_run_config(args.config, args.overrides, args.resume), args.resume)
-    except (*training.ERRORS, training.RunError) as e:
+    except (*training.ERRORS, training.RunError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
