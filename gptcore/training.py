@@ -27,6 +27,7 @@ import numpy as np
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.data import (DataError, RandomWindows, SlidingWindows, corpus_from_spec, eval_batches,
                           load_tokens, prepare_tokens)
+from gptcore.model_dir import CheckpointError
 from gptcore.presets import SECTIONS, build_section, load_sections, parse_override
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE, Tokenizer, TokenizerError
 from gptcore.train_config import DataConfig, TrainConfig
@@ -122,6 +123,24 @@ def finetune_config(loaded: ModelConfig, tables: dict) -> ModelConfig:
     the dropout rates of an explicit [model] table apply."""
     table = tables.get("model", {})
     return loaded.replace(**{k: table[k] for k in DROPOUT_FIELDS if k in table})
+
+
+def setup_model(out_dir: Path, cfg: RunConfig, text: str, resume: bool, load_model):
+    """The run's tokenizer, and cfg.model set. Fine-tuning (train.init_from,
+    not when resuming) reads the source with the twin's `load_model` and
+    keeps its tokenizer and architecture; returns (tokenizer, the source's
+    weights as load_model gives them, or None)."""
+    loaded = None
+    if cfg.train.init_from is not None and not resume:
+        loaded = load_model(cfg.train.init_from)  # (config, weights, tokenizer.json or None)
+        if loaded[2] is None:
+            raise CheckpointError(f"{cfg.train.init_from}: no tokenizer.json to fine-tune with")
+    tokenizer = setup_tokenizer(out_dir, cfg.data, text, resume, loaded[2] if loaded else None)
+    if loaded:
+        cfg.model = finetune_config(loaded[0], cfg.tables)
+    else:
+        cfg.model = model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
+    return tokenizer, loaded[1] if loaded else None
 
 
 # -- run directory ------------------------------------------------------------------

@@ -319,8 +319,8 @@ class GPT(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = {"k": tuple(k for k, _ in layer_caches), "v": tuple(v for _, v in layer_caches), "positions": kv_positions,
-                         "valid": kv_valid, "end": offset + T}
+            new_cache = {"k": tuple(k for k, _ in layer_caches), "v": tuple(v for _, v in layer_caches),
+                         "positions": kv_positions, "valid": kv_valid, "end": offset + T}
         return ModelOutput(logits.astype(jnp.float32), new_cache, aux.mean())
 
 

@@ -388,23 +388,15 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     training.check_out_dir(out, resume)
     runner = make_runner(tc)  # before any file is written: a device count that cannot split the batch fails here
     text = training.load_corpus(dc)
-    loaded = None
-    if tc.init_from is not None and not resume:  # fine-tuning: params only, the optimizer starts afresh
-        loaded = load_model(tc.init_from)
-        if loaded[2] is None:
-            raise CheckpointError(f"{tc.init_from}: no tokenizer.json to fine-tune with")
-    tokenizer = training.setup_tokenizer(out, dc, text, resume, loaded[2] if loaded else None)
-    if loaded:
-        cfg.model = training.finetune_config(loaded[0], cfg.tables)
-    else:
-        cfg.model = training.model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
+    # fine-tuning (train.init_from): the source's params, tokenizer and architecture; a fresh optimizer
+    tokenizer, source_params = training.setup_model(out, cfg, text, resume, load_model)
     mc: ModelConfig = cfg.model
     T = mc.context_length
     batches, evals, n_train_tokens = training.setup_data(out, cfg, text, tokenizer, lead and not resume)
     checkpoints = Checkpoints(out / "checkpoints", tc.keep_checkpoints)
 
     model = make_model(mc, tc)
-    params = loaded[1] if loaded else init_params(mc, tc.seed)
+    params = source_params if source_params is not None else init_params(mc, tc.seed)
     if tc.scan_layers:  # the unrolled init stacked: the same initial weights either way
         params = stack_layers(params, mc.n_layers)
     state = create_state(model, params, tc)

@@ -165,16 +165,8 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     out = Path(tc.out_dir).expanduser()
     training.check_out_dir(out, resume)
     text = training.load_corpus(dc)
-    loaded = None
-    if tc.init_from is not None and not resume:  # fine-tuning: weights only, the optimizer starts afresh
-        loaded = load_model(tc.init_from)
-        if loaded[2] is None:
-            raise CheckpointError(f"{tc.init_from}: no tokenizer.json to fine-tune with")
-    tokenizer = training.setup_tokenizer(out, dc, text, resume, loaded[2] if loaded else None)
-    if loaded:
-        cfg.model = training.finetune_config(loaded[0], cfg.tables)
-    else:
-        cfg.model = training.model_config(cfg.tables, tokenizer.vocab_size, cfg.source)
+    # fine-tuning (train.init_from): the source's weights, tokenizer and architecture; a fresh optimizer
+    tokenizer, source_weights = training.setup_model(out, cfg, text, resume, load_model)
     mc: ModelConfig = cfg.model
     T = mc.context_length
     batches, evals, n_train_tokens = training.setup_data(out, cfg, text, tokenizer, not resume)
@@ -182,8 +174,8 @@ def run(cfg: training.RunConfig, resume: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(tc.seed)
     model = GPT(mc)
-    if loaded:
-        model.load_state_dict(loaded[1].state_dict())
+    if source_weights is not None:
+        model.load_state_dict(source_weights.state_dict())
     model = model.to(device)
     optimizer = make_optimizer(model, tc)
     stopper = training.EarlyStopping(tc.patience, tc.min_delta)
