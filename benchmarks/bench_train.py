@@ -4,13 +4,13 @@
     python benchmarks/bench_train.py --configs nanogpt --steps 20 --no-compile   # quick look
     python benchmarks/bench_train.py --gpt2-124m              # GPT-2 124M: compile time, tokens/s, MFU
 
-What runs is the real training step of each twin: `jaxgpt.train.train_step`
-on a `jaxgpt.train.create_state` state (jitted, state donated) on one XLA
+What runs is the real training step of each twin: `jaxgpt.step.train_step`
+on a `jaxgpt.step.create_state` state (jitted, state donated) on one XLA
 device, the same step as `python -m jaxgpt.train` runs it by default on a CPU
 host ("jaxgpt, N CPU devices": the host split into one device per core by
-`jaxgpt.train.split_cpu`, a data-parallel mesh over them; --cpu-devices 1
+`jaxgpt.runners.split_cpu`, a data-parallel mesh over them; --cpu-devices 1
 leaves it out), and
-`torchgpt.train.train_step` on a `torchgpt.train.make_optimizer` optimizer,
+`torchgpt.step.train_step` on a `torchgpt.optim.make_optimizer` optimizer,
 eager and (unless --no-compile) with the model wrapped in `torch.compile`.
 All start from the same initial weights (torch's init, copied into jax with
 params_from_state_dict) and see the same batches (gptcore.training.TrainBatches),
@@ -71,10 +71,12 @@ from gptcore import training
 from gptcore.presets import load_config, load_model_config
 from gptcore.train_config import DataConfig, TrainConfig
 import jaxgpt.model as jm
-import jaxgpt.train as jt
-from jaxgpt.parallel import MeshRunner
+import jaxgpt.runners as jr
+import jaxgpt.step as jt
+from jaxgpt.runners import MeshRunner
 import torchgpt.model as tm
-import torchgpt.train as tt
+import torchgpt.optim as topt
+import torchgpt.step as tt
 
 NO_DROPOUT = dict(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -154,12 +156,12 @@ def measure_memory(name: str, engine: str) -> str:
 
 # -- the engines --------------------------------------------------------------------
 class JaxEngine:
-    """jaxgpt's training step through a runner: jt.SingleDevice (one XLA
+    """jaxgpt's training step through a runner: jr.SingleDevice (one XLA
     device) or what `python -m jaxgpt.train` runs by default (parallel
     "auto": data parallel over the CPU devices split_cpu made)."""
 
     def __init__(self, cfg, tc, np_state, runner=None, **model_kwargs):
-        self.runner = runner or jt.SingleDevice()
+        self.runner = runner or jr.SingleDevice()
         n = self.runner.n_devices
         self.name = "jaxgpt" if n == 1 else f"jaxgpt, {n} CPU devices"
         self.model = jm.GPT(cfg, **model_kwargs)
@@ -188,7 +190,7 @@ class TorchEngine:
     def __init__(self, cfg, tc, np_state, compile_=False):
         self.name = "torch.compile" if compile_ else "torch eager"
         self.model = tm.load_state_arrays(tm.GPT(cfg), np_state)
-        self.optimizer = tt.make_optimizer(self.model, tc)
+        self.optimizer = topt.make_optimizer(self.model, tc)
         self.module = torch.compile(self.model) if compile_ else self.model
         self.tc = tc
 
@@ -203,7 +205,7 @@ def data_parallel_runner(tc):
     """What python -m jaxgpt.train runs by default on this host (parallel
     "auto"): a data-parallel mesh over as many of the CPU devices as divide
     the batch; None when that is one device."""
-    n = jt.cpu_device_count(tc, cores=jax.device_count())
+    n = jr.cpu_device_count(tc, cores=jax.device_count())
     return MeshRunner(devices=jax.devices()[:n]) if n > 1 else None
 
 
@@ -396,7 +398,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-probe", nargs=2, metavar=("CONFIG", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.gpt2_124m:  # before JAX starts, as python -m jaxgpt.train does
-        jt.split_cpu(bench_configs()["nanogpt"][1].replace(cpu_devices=args.cpu_devices))
+        jr.split_cpu(bench_configs()["nanogpt"][1].replace(cpu_devices=args.cpu_devices))
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     if args.memory_probe:

@@ -13,13 +13,15 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from gptcore.errors import UserError
+
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 MLPS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot describe a model. The message names the field."""
 
 

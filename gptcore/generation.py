@@ -26,13 +26,14 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, TextIO
 
-from gptcore.config import ConfigError
-from gptcore.tokenizer import Tokenizer, TokenizerError
+from gptcore.cli import Parser, error_line
+from gptcore.errors import UserError
+from gptcore.tokenizer import Tokenizer
 
 STREAM_CHUNK = 16  # tokens decoded per compiled segment between prints
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """Sampling settings or a request the generator cannot serve; the message says why."""
 
 
@@ -103,13 +104,8 @@ class TextStreamer:
             self.printed = end
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage + message
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Sample text from a model directory, streamed to stdout.")
+    p = Parser(prog=prog, description="Sample text from a model directory, streamed to stdout.")
     p.add_argument("--checkpoint", required=True, help="model directory (config.json, weights, tokenizer.json)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help='prompt text; "-" reads it from stdin (default: empty)')
@@ -139,8 +135,7 @@ Loader = Callable[[str], tuple]
 Streamer = Callable[..., Iterable[list[int]]]
 
 
-def run_cli(argv: Sequence[str] | None, prog: str, load: Loader, stream: Streamer,
-            errors: tuple[type[Exception], ...] = ()) -> int:
+def run_cli(argv: Sequence[str] | None, prog: str, load: Loader, stream: Streamer) -> int:
     """The `python -m {jaxgpt,torchgpt}.generate` command; returns the exit status.
 
     Prints the prompt, then each sample's text as it is generated; samples are
@@ -174,8 +169,8 @@ def run_cli(argv: Sequence[str] | None, prog: str, load: Loader, stream: Streame
             printer.put([], final=True)
         out.write("\n")
         out.flush()
-    except (GenerationError, TokenizerError, ConfigError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         out.write("\n")

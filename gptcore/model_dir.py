@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from gptcore.config import ConfigError, ModelConfig
+from gptcore.errors import UserError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -23,7 +24,7 @@ SAFETENSORS_FILE = "model.safetensors"
 RUN_MODEL_DIR = "model"  # the train CLIs export a run's model to OUT_DIR/model
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or written; the message says why."""
 
 

@@ -69,10 +69,16 @@ def load_sections(name_or_path: str | Path | None = None,
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {section} must be a table")
     for text in overrides:
-        (section, key), value = parse_override(text)
-        if section not in SECTIONS:
-            raise ConfigError(f"override {text!r}: unknown section {section!r}")
-        tables.setdefault(section, {})[key] = value
+        apply_override(tables, text)
+    return tables
+
+
+def apply_override(tables: dict, text: str) -> dict:
+    """Set one `section.key=value` override in raw tables (in place)."""
+    (section, key), value = parse_override(text)
+    if section not in SECTIONS:
+        raise ConfigError(f"override {text!r}: unknown section {section!r}")
+    tables.setdefault(section, {})[key] = value
     return tables
 
 

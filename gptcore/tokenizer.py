@@ -25,12 +25,14 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from gptcore.errors import UserError
+
 FILENAME = "tokenizer.json"
 _KIND_OF_MODEL = {"WordLevel": "char", "BPE": "bpe"}
 _MAX_REPORTED = 5  # distinct unknown characters named in one error message
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer that cannot be built or loaded, or text it cannot encode."""
 
 

@@ -100,7 +100,7 @@ class TrainConfig:
 class DataConfig:
     """Where the text comes from and how it becomes batches."""
 
-    corpus: str = "shakespeare"  # gptcore.data.corpus_from_spec: shakespeare | tinyshakespeare | gutenberg | path
+    corpus: str = "shakespeare"  # gptcore.corpus.corpus_from_spec: shakespeare | tinyshakespeare | gutenberg | path
     tokenizer: str = "char"  # "char" or byte-level "bpe"
     bpe_vocab_size: int = 2048
     val_fraction: float = 0.1  # the tail of the token stream held out for validation

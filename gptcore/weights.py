@@ -20,8 +20,10 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from gptcore.errors import UserError
 
-class WeightsError(ValueError):
+
+class WeightsError(UserError):
     """Missing, unexpected or mis-shaped weights; the message names the key."""
 
 

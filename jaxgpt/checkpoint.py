@@ -24,8 +24,14 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 
 from gptcore.config import ModelConfig
-from gptcore.model_dir import (SAFETENSORS_FILE, CheckpointError, find_model_dir, read_model_config,  # noqa: F401
-                               tokenizer_path, write_model_dir)
+from gptcore.model_dir import (  # noqa: F401
+    SAFETENSORS_FILE,
+    CheckpointError,
+    find_model_dir,
+    read_model_config,
+    tokenizer_path,
+    write_model_dir,
+)
 from jaxgpt.model import param_shapes, params_from_state_dict, stack_layers, state_dict_from_params, unstack_layers
 
 PARAMS_DIR = "params"

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gptcore.cli import Parser, guarded
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.formats import Checkpoint, FormatError, hf, nanogpt, safetensors_io
 from gptcore.formats.state import InOrder, check_state
-from gptcore.weights import WeightsError
 
 FORMATS = ("jaxgpt", "pt", "safetensors", "hf", "nanogpt")
 READ_ONLY = ("nanogpt",)
@@ -194,14 +194,9 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage + message
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m jaxgpt.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m jaxgpt.convert", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--from", dest="src_format", choices=FORMATS)
@@ -209,16 +204,10 @@ def main(argv=None) -> int:
     p.add_argument("--arch", choices=hf.ARCHS, help="Hugging Face architecture of an hf export")
     p.add_argument("--force", action="store_true", help="replace an existing DST")
     args = p.parse_args(argv)
-    try:
-        dst = convert(args.src, args.dst, args.src_format, args.dst_format, args.arch, args.force)
-    except (FormatError, ConfigError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
-    print(f"wrote {dst}")
-    return 0
+
+    def body():
+        print(f"wrote {convert(args.src, args.dst, args.src_format, args.dst_format, args.arch, args.force)}")
+    return guarded(body)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from gptcore.rope import rope_inv_freq
 
-
 # -- positions ---------------------------------------------------------------
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:

@@ -1,5 +1,5 @@
 """The two trainers take the same steps: from identical weights and batches,
-jaxgpt.train.train_step and torchgpt.train.train_step agree on losses,
+jaxgpt.step.train_step and torchgpt.step.train_step agree on losses,
 gradient norms and parameters over 100 steps of warmup + cosine, with
 clipping active and two accumulated micro-batches. Pins the PARITY.md traps
 of AdamW defaults, clipping's epsilon, the schedule's off-by-one, the decay
@@ -16,9 +16,11 @@ import torch
 from gptcore.config import ModelConfig
 from gptcore.train_config import TrainConfig, lr_at
 import jaxgpt.model as jm
-import jaxgpt.train as jt
+import jaxgpt.optim as jopt
+import jaxgpt.step as jt
 import torchgpt.model as tm
-import torchgpt.train as tt
+import torchgpt.optim as topt
+import torchgpt.step as tt
 from gptcore.weights import jax_to_torch
 
 CFG = ModelConfig(vocab_size=32, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -63,7 +65,7 @@ def runs():
     """100 steps of each trainer from the same weights on the same batches."""
     tmodel, params = twins()
     state = jt.create_state(jm.GPT(CFG), params, TC)
-    optimizer = tt.make_optimizer(tmodel, TC)
+    optimizer = topt.make_optimizer(tmodel, TC)
     jax_metrics, torch_metrics = [], []
     for step in range(TC.max_steps):
         x, y, valid = batch_at(step)
@@ -109,7 +111,7 @@ def test_logged_lr_is_the_schedule(runs):
                          ids=["tiny", "no-warmup", "decay-before-end"])
 def test_optax_schedule_equals_lr_at_at_every_step(tc):
     steps = np.arange(tc.max_steps + 20)
-    optax_lr = np.asarray(jax.vmap(jt.lr_schedule(tc))(jnp.asarray(steps)))
+    optax_lr = np.asarray(jax.vmap(jopt.lr_schedule(tc))(jnp.asarray(steps)))
     expected = np.array([lr_at(int(s), tc) for s in steps])
     np.testing.assert_allclose(optax_lr, expected, rtol=0, atol=1e-9)
     # nanoGPT's conventions: the first step already moves, the peak is reached after warmup
@@ -124,10 +126,10 @@ def test_optax_schedule_equals_lr_at_at_every_step(tc):
 def test_decay_masks_name_the_same_parameters(changes):
     cfg = CFG.replace(**changes)
     tmodel, params = twins(cfg)
-    mask = jt.decay_mask(params)
+    mask = jopt.decay_mask(params)
     as_arrays = jax.tree_util.tree_map(lambda p, m: np.full(p.shape, m), params, mask)
     jax_names = {k for k, v in jax_to_torch(as_arrays).items() if v.all()}
-    assert jax_names == tt.decay_names(tmodel)
+    assert jax_names == topt.decay_names(tmodel)
     assert "tok_emb.weight" in jax_names and not any("norm" in n or n.endswith("bias") for n in jax_names)
 
 
@@ -151,7 +153,7 @@ def test_grad_accumulation_equals_one_big_batch():
     for name, tc, bs in (("accum", TC, batches), ("big", tc1, merged)):
         tmodel, params = twins()
         state = jt.create_state(jm.GPT(CFG), params, tc)
-        optimizer = tt.make_optimizer(tmodel, tc)
+        optimizer = topt.make_optimizer(tmodel, tc)
         for step, b in enumerate(bs):
             state, m = jt.train_step(state, tuple(map(jnp.asarray, b)), jt.step_key(0, step))
             tt.train_step(tmodel, optimizer, tuple(map(torch.from_numpy, b)), step, tc)

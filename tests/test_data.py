@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tokenizers
 
-from gptcore import data
-from gptcore.data import (IGNORE_INDEX, DataError, RandomWindows, SlidingWindows, corpus_from_spec,
-                          download_gutenberg, download_tiny_shakespeare, eval_batches, load_tokens, pad_batch,
-                          prepare_tokens, read_corpus, shakespeare_corpus, strip_gutenberg)
+from gptcore import corpus
+from gptcore.corpus import (corpus_from_spec, download_gutenberg, download_tiny_shakespeare, read_corpus,
+                            shakespeare_corpus, strip_gutenberg)
+from gptcore.data import (IGNORE_INDEX, DataError, RandomWindows, SlidingWindows, eval_batches, load_tokens,
+                          pad_batch, prepare_tokens)
 from gptcore.tokenizer import Tokenizer, TokenizerError
 
 TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -146,14 +147,14 @@ def test_strip_gutenberg():
 
 
 def test_download_gutenberg_caches(tmp_path):
-    fetch = FakeFetch({data.GUTENBERG_URL.format(id=84): gutenberg_book("It's alive!").encode("utf-8"),
-                       data.GUTENBERG_URL.format(id=41): gutenberg_book("A headless horseman.").encode("utf-8")})
+    fetch = FakeFetch({corpus.GUTENBERG_URL.format(id=84): gutenberg_book("It's alive!").encode("utf-8"),
+                       corpus.GUTENBERG_URL.format(id=41): gutenberg_book("A headless horseman.").encode("utf-8")})
     books = {"frankenstein": 84, "sleepy_hollow": 41}
     assert download_gutenberg(books, tmp_path, fetch) == {"frankenstein": "It's alive!",
                                                           "sleepy_hollow": "A headless horseman."}
     assert download_gutenberg([84], tmp_path, fetch) == {"pg84": "It's alive!"}
     assert len(fetch.calls) == 2  # the second call read the cache
-    assert data.GUTENBERG_BOOKS["memoirs_of_grant"] == 4367 and len(data.GUTENBERG_BOOKS) == 11
+    assert corpus.GUTENBERG_BOOKS["memoirs_of_grant"] == 4367 and len(corpus.GUTENBERG_BOOKS) == 11
 
 
 def test_download_errors_are_one_line(tmp_path):
@@ -162,16 +163,16 @@ def test_download_errors_are_one_line(tmp_path):
 
     with pytest.raises(DataError, match=r"could not download https://www\.gutenberg\.org/ebooks/84\.txt\.utf-8"):
         download_gutenberg([84], tmp_path, offline)
-    error_page = FakeFetch({data.GUTENBERG_URL.format(id=84): b"<html>Service unavailable</html>"})
+    error_page = FakeFetch({corpus.GUTENBERG_URL.format(id=84): b"<html>Service unavailable</html>"})
     with pytest.raises(DataError, match=r"https://www\.gutenberg\.org/ebooks/84\.txt\.utf-8 has no '\*\*\* START"):
         download_gutenberg([84], tmp_path, error_page)
     assert not (tmp_path / "gutenberg" / "pg84.txt").exists()
 
 
 def test_tiny_shakespeare_download_verifies_and_caches(tmp_path):
-    good = FakeFetch({data.TINY_SHAKESPEARE_URL: TINY_SHAKESPEARE.read_bytes()})
+    good = FakeFetch({corpus.TINY_SHAKESPEARE_URL: TINY_SHAKESPEARE.read_bytes()})
     path = download_tiny_shakespeare(tmp_path, good)
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.TINY_SHAKESPEARE_SHA256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == corpus.TINY_SHAKESPEARE_SHA256
     assert download_tiny_shakespeare(tmp_path, good) == path
     text = corpus_from_spec("tinyshakespeare", tmp_path, good)
     assert len(good.calls) == 1
@@ -181,7 +182,7 @@ def test_tiny_shakespeare_download_verifies_and_caches(tmp_path):
     assert download_tiny_shakespeare(tmp_path, good).read_bytes() == TINY_SHAKESPEARE.read_bytes()
     assert len(good.calls) == 2
 
-    bad = FakeFetch({data.TINY_SHAKESPEARE_URL: b"<html>rate limited</html>"})
+    bad = FakeFetch({corpus.TINY_SHAKESPEARE_URL: b"<html>rate limited</html>"})
     with pytest.raises(DataError, match="has sha256 .* expected 86c4e6aa9db7"):
         download_tiny_shakespeare(tmp_path / "fresh", bad)
     assert not (tmp_path / "fresh" / "tinyshakespeare.txt").exists()

@@ -27,21 +27,22 @@ if len(sys.argv) > 3:  # multi-process: coordinator, num_processes, process_id
     jax.distributed.initialize(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
 from gptcore.config import ModelConfig
 from gptcore.train_config import TrainConfig
-from jaxgpt import parallel, train
+import jaxgpt.step as js
+from jaxgpt import runners
 from jaxgpt.model import GPT, init_params
 mc = ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 tc = TrainConfig(batch_size=8, grad_accum=2, warmup_steps=1, max_steps=3, lr=1e-2, grad_clip=0.5)
-runners = {"single": lambda: train.SingleDevice(), "pmap": lambda: parallel.PmapRunner(),
-           "mesh1": lambda: parallel.MeshRunner(1), "mesh2": lambda: parallel.MeshRunner(2),
-           "mesh4": lambda: parallel.MeshRunner(4)}
+make = {"single": lambda: runners.SingleDevice(), "pmap": lambda: runners.PmapRunner(),
+           "mesh1": lambda: runners.MeshRunner(1), "mesh2": lambda: runners.MeshRunner(2),
+           "mesh4": lambda: runners.MeshRunner(4)}
 for kind in kinds.split(","):
-    runner = runners[kind]()
-    state = runner.place_state(train.create_state(GPT(mc), init_params(mc, 0), tc))
+    runner = make[kind]()
+    state = runner.place_state(js.create_state(GPT(mc), init_params(mc, 0), tc))
     for step in range(3):
         rng = np.random.default_rng(step)
         x, y = (rng.integers(0, 64, (2, 8, 16)).astype(np.int32) for _ in range(2))
-        state, m = runner.step(state, runner.place_batch((x, y, np.ones(x.shape, bool))), train.step_key(0, step))
-    params = parallel.gather(runner.checkpoint_state(state).params)
+        state, m = runner.step(state, runner.place_batch((x, y, np.ones(x.shape, bool))), js.step_key(0, step))
+    params = runners.gather(runner.checkpoint_state(state).params)
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
         metrics = runner.metrics(m)
@@ -93,7 +94,7 @@ def test_pmap_and_mesh_equal_single_device(reference, tmp_path):
 
 def test_fsdp_shards_the_largest_divisible_axis():
     from jax.sharding import PartitionSpec as P
-    from jaxgpt.parallel import fsdp_spec
+    from jaxgpt.runners import fsdp_spec
     assert fsdp_spec((64, 128), 4) == P(None, "fsdp")
     assert fsdp_spec((128, 64), 4) == P("fsdp", None)
     assert fsdp_spec((6,), 4) == P() and fsdp_spec((), 4) == P() and fsdp_spec((64, 128), 1) == P()
@@ -114,7 +115,7 @@ def test_two_processes_equal_one(reference, tmp_path):
 def test_cpu_devices_divide_the_batch():
     """train.cpu_devices = 0: one device per core, fewer when the batch needs it."""
     from gptcore.train_config import TrainConfig
-    from jaxgpt.train import cpu_device_count
+    from jaxgpt.runners import cpu_device_count
     assert cpu_device_count(TrainConfig(batch_size=12), cores=2) == 2
     assert cpu_device_count(TrainConfig(batch_size=12), cores=8) == 6
     assert cpu_device_count(TrainConfig(batch_size=7), cores=4) == 1
@@ -147,8 +148,8 @@ def test_cli_default_is_data_parallel_over_cpu_devices(tmp_path):
 def test_cpu_devices_that_do_not_divide_the_batch_are_a_one_line_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--config", "debug", "train.cpu_devices=3",
-                           "train.batch_size=8", f"train.out_dir={tmp_path / 'r'}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                           "train.batch_size=8", "model.vocab_size=128", f"train.out_dir={tmp_path / 'r'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
     assert proc.stderr.strip().splitlines()[-1] == ("error: train.batch_size 8 is not divisible by the 3 devices "
                                                     "(on a CPU host: set train.cpu_devices to a divisor of it)")

@@ -16,6 +16,7 @@ import pytest
 from gptcore.config import ConfigError
 from gptcore.presets import load_model_config
 from gptcore.train_config import TrainConfig
+import jaxgpt.step as js
 from jaxgpt import train
 from jaxgpt.checkpoint import load_model
 from jaxgpt.model import GPT, init_params, stack_layers, unstack_layers
@@ -37,10 +38,10 @@ def train_losses(tc: TrainConfig, steps: int = 3):
     params = init_params(CFG, 0)
     if tc.scan_layers:
         params = stack_layers(params, CFG.n_layers)
-    state = train.create_state(train.make_model(CFG, tc), params, tc)
+    state = js.create_state(js.make_model(CFG, tc), params, tc)
     losses = []
     for step in range(steps):
-        state, metrics = train.train_step(state, batch(step), train.step_key(0, step))
+        state, metrics = js.train_step(state, batch(step), js.step_key(0, step))
         losses.append(float(metrics["loss"]))
     return np.array(losses), unstack_layers(jax.device_get(state.params))
 
@@ -94,10 +95,10 @@ def test_train_config_checks_attention_impl():
 def test_donated_state_is_reused():
     """train_step donates the state: XLA must be able to use every buffer
     (else jax warns "donated buffers were not usable" and copies)."""
-    state = train.create_state(GPT(CFG), init_params(CFG, 0), TC)
+    state = js.create_state(GPT(CFG), init_params(CFG, 0), TC)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        new_state, _ = train.train_step(state, batch(0), train.step_key(0, 0))
+        new_state, _ = js.train_step(state, batch(0), js.step_key(0, 0))
         jax.block_until_ready(new_state)
     assert not [w for w in caught if "donated" in str(w.message)]
     assert jax.tree_util.tree_leaves(state.params)[0].is_deleted()

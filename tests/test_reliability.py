@@ -32,8 +32,10 @@ import pytest
 import torch
 
 from gptcore import training
+import jaxgpt.step as jstep
 from jaxgpt import train
 from jaxgpt.checkpoint import load_model
+import torchgpt.step as tstep
 import torchgpt.train as ttrain
 
 from helpers import REPO, tiny_preset
@@ -72,6 +74,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     losses = [[(r["step"], r["loss"]) for r in training.read_metrics(run / "metrics.jsonl") if "loss" in r]
               for run in (a, b)]
     assert losses[0] == losses[1] and len(losses[0]) == STEPS
+    evals = [[(r["step"], r["val_loss"]) for r in training.read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+             for run in (a, b)]
+    assert evals[0] == evals[1]  # every evaluation logged once, the one before the kill included
 
 
 # -- SIGKILL -------------------------------------------------------------------------------
@@ -123,14 +128,14 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(preset, through, 
 def test_nan_stops_jax_training_and_keeps_the_last_good_checkpoint(preset, tmp_path, monkeypatch, capsys):
     """The params turn NaN after step 5 (as in a divergence): step 6's loss
     and gradients are NaN, caught before the checkpoint of step 6."""
-    real = train.train_step
+    real = jstep.train_step
 
     def step_then_poison(state, batch, rng):
         state, metrics = real(state, batch, rng)
         if int(state.step) == 5:
             state = state.replace(params=jax.tree_util.tree_map(lambda a: a * np.nan, state.params))
         return state, metrics
-    monkeypatch.setattr(train, "train_step", step_then_poison)
+    monkeypatch.setattr(jstep, "train_step", step_then_poison)
     run = tmp_path / "run"
     capsys.readouterr()
     code = train.main(["--config", str(preset), f"train.out_dir={run}", "train.log_interval=4"])
@@ -154,8 +159,8 @@ def test_nan_stops_torch_training(preset, tmp_path, monkeypatch, capsys):
                 for p in model.parameters():
                     p.fill_(float("nan"))
         return metrics
-    real = ttrain.train_step
-    monkeypatch.setattr(ttrain, "train_step", step_then_poison)
+    real = tstep.train_step
+    monkeypatch.setattr(tstep, "train_step", step_then_poison)
     run = tmp_path / "run"
     capsys.readouterr()
     code = ttrain.main(["--config", str(preset), f"train.out_dir={run}", "train.log_interval=3"])

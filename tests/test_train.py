@@ -22,6 +22,8 @@ from gptcore import training
 from gptcore.config import ModelConfig
 from gptcore.tokenizer import Tokenizer
 from gptcore.train_config import TrainConfig
+import jaxgpt.step as js
+from gptcore.run import resolve
 from jaxgpt import train
 from jaxgpt.checkpoint import load_model
 from jaxgpt.model import GPT, init_params
@@ -52,10 +54,10 @@ def test_overfit_one_batch():
     rng = np.random.default_rng(0)
     seq = rng.integers(0, 16, (1, 4, 17)).astype(np.int32)
     batch = (jnp.asarray(seq[..., :-1]), jnp.asarray(seq[..., 1:]), jnp.ones((1, 4, 16), bool))
-    state = train.create_state(GPT(cfg), init_params(cfg, 0), tc)
+    state = js.create_state(GPT(cfg), init_params(cfg, 0), tc)
     first = None
     for step in range(tc.max_steps):
-        state, m = train.train_step(state, batch, train.step_key(0, step))
+        state, m = js.train_step(state, batch, js.step_key(0, step))
         first = float(m["loss"]) if first is None else first
     assert first > 2.0 and float(m["loss"]) < 0.1
 
@@ -162,9 +164,9 @@ def test_kill_and_resume_is_bit_identical(preset, tmp_path):
 def test_early_stopping(preset, tmp_path):
     """patience 1 and an improvement threshold no eval can meet: the second
     evaluation stops the run."""
-    cfg = training.load_run_config(str(preset), ["train.patience=1", "train.min_delta=100.0", "train.max_steps=50",
-                                                 f"train.out_dir={tmp_path / 'r'}", "train.sample_tokens=0"], False)
-    summary = train.run(cfg)
+    spec = resolve(str(preset), ["train.patience=1", "train.min_delta=100.0", "train.max_steps=50",
+                                 f"train.out_dir={tmp_path / 'r'}", "train.sample_tokens=0"])
+    summary = train.run(spec)
     assert summary["stopped_early"] and summary["steps"] == 20 and summary["best_step"] == 10
     assert max(r["step"] for r in training.read_metrics(tmp_path / "r" / "metrics.jsonl")) == 20
 

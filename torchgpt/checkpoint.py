@@ -18,11 +18,15 @@ from pathlib import Path
 import safetensors.torch
 
 from gptcore.config import ModelConfig
-from gptcore.model_dir import (SAFETENSORS_FILE, CheckpointError, find_model_dir, read_model_config,  # noqa: F401
-                               tokenizer_path, write_model_dir)
+from gptcore.model_dir import (  # noqa: F401
+    SAFETENSORS_FILE,
+    CheckpointError,
+    find_model_dir,
+    read_model_config,
+    tokenizer_path,
+    write_model_dir,
+)
 from torchgpt.model import GPT
-
-
 
 
 def save_model(directory: str | Path, model: GPT, cfg: ModelConfig, tokenizer_file: str | Path | None = None,

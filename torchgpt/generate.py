@@ -275,8 +275,7 @@ def _stream(model, prompt_ids, *, max_new_tokens, sampling, eos_id, seed):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from torchgpt.checkpoint import CheckpointError
-    return run_cli(argv, "python -m torchgpt.generate", _load, _stream, errors=(CheckpointError,))
+    return run_cli(argv, "python -m torchgpt.generate", _load, _stream)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from gptcore.rope import rope_inv_freq
 
-
 # -- positions ---------------------------------------------------------------
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:

@@ -22,9 +22,10 @@ from typing import Mapping
 import numpy as np
 
 from gptcore.config import ModelConfig
+from gptcore.errors import UserError
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """A checkpoint that cannot be read, written or expressed; one line naming the key or field."""
 
 

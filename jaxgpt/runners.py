@@ -1,8 +1,8 @@
-"""Data and parameter parallelism for jaxgpt.train.
+"""Where a jaxgpt train step runs: one device, pmap, or a (data, fsdp) mesh.
 
-Two runners with SingleDevice's methods (place_state, place_batch, step,
-eval_params, checkpoint_state, metrics):
+Every runner follows the `Runner` protocol, so jaxgpt.engine drives them alike:
 
+- SingleDevice: the jitted step on the default device.
 - PmapRunner: classic data parallelism. The state is replicated on every
   local device, each device takes a slice of every micro-batch, and
   `step_fn(..., axis_name="data")` sums gradients, nll and token counts
@@ -10,7 +10,7 @@ eval_params, checkpoint_state, metrics):
 - MeshRunner: one `jit` over a Mesh with axes ("data", "fsdp"). The batch
   is split over both axes. With fsdp 1 (plain data parallelism, the CPU
   default) the step is `step_fn(..., axis_name=AXES)` under shard_map, like
-  pmap: one float32 all-reduce carries every gradient (jaxgpt.train.psum_flat),
+  pmap: one float32 all-reduce carries every gradient (step.psum_flat),
   where XLA's own partitioning meets the other devices once per parameter.
   With fsdp > 1 params and optimizer state are split FSDP-style over "fsdp"
   along their largest axis that "fsdp" divides (replicated otherwise), and
@@ -25,14 +25,70 @@ devices and each process feeds only its rows of the global batch
 from __future__ import annotations
 
 import functools
+import os
+from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxgpt.train import Batch, SingleDevice, TrainState, step_fn
+from gptcore.run import RunError
+from gptcore.train_config import TrainConfig
+from jaxgpt import step
+from jaxgpt.step import Batch, TrainState, step_fn
 
 AXES = ("data", "fsdp")
+
+
+class Runner(Protocol):
+    n_devices: int
+
+    def describe(self) -> str:
+        """The devices and the kind of parallelism, one line."""
+
+    def place_state(self, state: TrainState) -> TrainState:
+        """The (host) state on the runner's devices, in the layout `step` takes."""
+
+    def place_batch(self, batch) -> Batch:
+        """A global batch (x, y, valid numpy (A, B, T)) on the devices."""
+
+    def step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]: ...
+
+    def eval_params(self, state: TrainState):
+        """The params as eval_loss takes them."""
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        """The state as Checkpoints.save takes it (one copy, not one per device)."""
+
+    def metrics(self, metrics: dict) -> dict[str, float]: ...
+
+
+class SingleDevice:
+    """The jitted step on the default device."""
+    n_devices = 1
+
+    def describe(self) -> str:
+        return f"1 {jax.devices()[0].platform.upper()} device"
+
+    def place_state(self, state: TrainState) -> TrainState:
+        return jax.device_put(state)
+
+    def place_batch(self, batch) -> Batch:
+        return tuple(jnp.asarray(a) for a in batch)
+
+    def step(self, state: TrainState, batch: Batch, rng: jax.Array):
+        return step.train_step(state, batch, rng)
+
+    def eval_params(self, state: TrainState):
+        return state.params
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        return state
+
+    def metrics(self, metrics: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in metrics.items()}
 
 
 class PmapRunner:
@@ -57,10 +113,8 @@ class PmapRunner:
         """(A, B, T) -> (n_devices, A, B / n_devices, T): device d takes rows d*B/n.. of every micro-batch."""
         def split(a):
             A, B = a.shape[:2]
-            if B % self.n_devices:
-                raise ValueError(f"train.batch_size {B} is not divisible by the {self.n_devices} devices")
             return np.swapaxes(a.reshape(A, self.n_devices, B // self.n_devices, *a.shape[2:]), 0, 1)
-        return tuple(split(np.asarray(a)) for a in batch)
+        return tuple(split(_check_rows(np.asarray(a), self.n_devices)) for a in batch)
 
     def step(self, state: TrainState, batch: Batch, rng: jax.Array):
         return self._step(state, batch, rng)
@@ -71,7 +125,7 @@ class PmapRunner:
     def checkpoint_state(self, state: TrainState) -> TrainState:
         return jax.tree_util.tree_map(lambda a: a[0], state)
 
-    def metrics(self, metrics: dict) -> dict:
+    def metrics(self, metrics: dict) -> dict[str, float]:
         return {k: float(v[0]) for k, v in metrics.items()}
 
 
@@ -91,11 +145,11 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     """A (data, fsdp) mesh over all (global) devices, data = n_devices / fsdp."""
     devices = np.asarray(devices if devices is not None else jax.devices())
     if devices.size % fsdp:
-        raise ValueError(f"train.fsdp = {fsdp} does not divide the {devices.size} devices")
+        raise RunError(f"train.fsdp = {fsdp} does not divide the {devices.size} devices")
     return Mesh(devices.reshape(devices.size // fsdp, fsdp), AXES)
 
 
-class MeshRunner(SingleDevice):
+class MeshRunner:
     """jit over a ("data", "fsdp") mesh: data parallel and FSDP in one program."""
 
     def __init__(self, fsdp: int = 1, devices=None):
@@ -136,23 +190,34 @@ class MeshRunner(SingleDevice):
     def place_batch(self, batch) -> Batch:
         """Each process passes only the rows its devices hold."""
         if jax.process_count() == 1:
-            return tuple(jax.device_put(tuple(self._check_rows(np.asarray(a)) for a in batch), self.batch_sharding))
+            return tuple(jax.device_put(tuple(_check_rows(np.asarray(a), self.n_devices) for a in batch),
+                                        self.batch_sharding))
         arrays = []
         for a in batch:
-            a = self._check_rows(np.asarray(a))
+            a = _check_rows(np.asarray(a), self.n_devices)
             rows = sorted({idx[1].indices(a.shape[1])[:2] for idx in
                            self.batch_sharding.addressable_devices_indices_map(a.shape).values()})
             local = np.concatenate([a[:, start:stop] for start, stop in rows], axis=1)
             arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, local, a.shape))
         return tuple(arrays)
 
-    def _check_rows(self, a: np.ndarray) -> np.ndarray:
-        if a.shape[1] % self.n_devices:
-            raise ValueError(f"train.batch_size {a.shape[1]} is not divisible by the {self.n_devices} devices")
-        return a
-
     def step(self, state: TrainState, batch: Batch, rng: jax.Array):
         return self._step(state, batch, jax.device_put(rng, self.replicated))
+
+    def eval_params(self, state: TrainState):
+        return state.params
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        return state
+
+    def metrics(self, metrics: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in metrics.items()}
+
+
+def _check_rows(a: np.ndarray, n_devices: int) -> np.ndarray:
+    if a.shape[1] % n_devices:
+        raise RunError(f"train.batch_size {a.shape[1]} is not divisible by the {n_devices} devices")
+    return a
 
 
 def gather(tree):
@@ -162,3 +227,44 @@ def gather(tree):
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
 
+
+def make_runner(cfg: TrainConfig) -> Runner:
+    """The runner train.parallel asks for; "auto" is a data-parallel (and,
+    with train.fsdp, parameter-sharded) mesh over every device when there are
+    several, else the single device."""
+    if cfg.parallel == "single" or (cfg.parallel == "auto" and jax.device_count() == 1):
+        return SingleDevice()
+    n = jax.local_device_count() if cfg.parallel == "pmap" else jax.device_count()
+    if cfg.batch_size % n:
+        raise RunError(f"train.batch_size {cfg.batch_size} is not divisible by the {n} devices "
+                       f"(on a CPU host: set train.cpu_devices to a divisor of it)")
+    return PmapRunner() if cfg.parallel == "pmap" else MeshRunner(cfg.fsdp)
+
+
+def cpu_device_count(cfg: TrainConfig, cores: int | None = None) -> int:
+    """train.cpu_devices, or for 0 the most devices, at most one per core,
+    that divide train.batch_size."""
+    if cfg.cpu_devices:
+        return cfg.cpu_devices
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(n for n in range(1, cores + 1) if cfg.batch_size % n == 0)
+
+
+def split_cpu(cfg: TrainConfig) -> None:
+    """Split a CPU host into cpu_device_count(cfg) XLA devices, so that
+    parallel = "auto" trains data parallel with every core busy.
+
+    Why: XLA's CPU runtime runs the ops of a small model's step one after
+    another, most of them on one thread, so one device leaves the other
+    cores mostly idle (torch spreads each op over its intra-op threads
+    instead). Devices are set before JAX starts; an explicit
+    --xla_force_host_platform_device_count in XLA_FLAGS wins, and once JAX
+    has started (jaxgpt.train.main called in a live process) nothing changes.
+    Other backends (GPU, TPU) are untouched.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", cpu_device_count(cfg))
+    except RuntimeError:  # the backends are already up
+        pass

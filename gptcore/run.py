@@ -1,0 +1,158 @@
+"""A training run, resolved once and frozen before anything runs or is written.
+
+    args = parse_args(argv, "python -m jaxgpt.train")
+    run  = resolve(args.config, args.overrides, args.resume)   # Run: what to train, from what, into where
+
+`resolve` reads the preset (or, with --resume, the run's saved config.json)
+and the overrides, checks the output directory, reads the corpus and settles
+the tokenizer and the model config:
+
+    mode       tokenizer                                 model config
+    fresh      trained on the corpus (data.tokenizer)    [model] with vocab_size from the tokenizer
+    resume     OUT_DIR/tokenizer.json                    the saved config.json's
+    finetune   the source model directory's              the source's, [model] dropout rates on top
+
+It writes nothing: the training loop (gptcore.loop) writes every file of the
+run directory itself, after the twin's engine has been built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptcore.cli import Parser
+from gptcore.config import ConfigError, ModelConfig
+from gptcore.corpus import corpus_from_spec
+from gptcore.errors import UserError
+from gptcore.model_dir import SAFETENSORS_FILE, CheckpointError, find_model_dir, read_model_config, tokenizer_path
+from gptcore.presets import apply_override, build_section, load_sections
+from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
+from gptcore.tokenizer import Tokenizer
+from gptcore.train_config import DataConfig, TrainConfig
+
+DEFAULT_PRESET = "default"
+CONFIG_FILE = "config.json"
+OUTPUTS = (CONFIG_FILE, "checkpoints", "model", "metrics.jsonl")  # a fresh run refuses a directory holding any
+DROPOUT_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout")
+MODES = ("fresh", "resume", "finetune")
+# what makes a directory a model directory, for either twin (jaxgpt also writes its orbax params/)
+MODEL_WEIGHTS = ("params", SAFETENSORS_FILE)
+
+
+class RunError(UserError):
+    """A run that cannot start or go on (existing outputs, nothing to resume, divergence, ...)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything a trainer needs to know about a run, settled up front."""
+    mode: str  # one of MODES
+    out_dir: Path
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    tokenizer: Tokenizer
+    init_from: Path | None  # finetune: the model directory whose weights the run starts from
+    corpus: str = field(repr=False)  # the corpus text (data.corpus), read once
+
+    def to_dict(self) -> dict:
+        """config.json of the run directory."""
+        return {"model": self.model.to_dict(), "train": self.train.to_dict(), "data": self.data.to_dict()}
+
+
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    """The command line both trainers take."""
+    parser = Parser(prog=prog, description="Train a GPT. With no arguments: the seed001_mini model on the "
+                                           "offline Shakespeare corpus (configs/default.toml).")
+    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or TOML file (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides, e.g. model.n_layers=2 train.lr=3e-4")
+    parser.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port")
+    parser.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    return parser.parse_intermixed_args(argv)
+
+
+def resolve(preset: str | None, overrides: list[str], resume: bool = False) -> Run:
+    """The run a command line asks for (see the module docstring); one-line
+    UserErrors for anything that cannot work, before any file is written."""
+    tables, source = _tables(preset, overrides, resume)
+    train = build_section("train", tables.get("train", {}), source)
+    data = build_section("data", tables.get("data", {}), source)
+    out_dir = Path(train.out_dir).expanduser()
+    check_out_dir(out_dir, resume)
+    text = corpus_from_spec(data.corpus, Path(data.cache_dir).expanduser())
+    if resume:
+        tokenizer = Tokenizer.load(out_dir / TOKENIZER_FILE)
+        return Run("resume", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer,
+                   None, text)
+    if train.init_from is not None:
+        source_dir = find_model_dir(train.init_from, MODEL_WEIGHTS)
+        loaded = read_model_config(source_dir)
+        path = tokenizer_path(source_dir)
+        if path is None:
+            raise CheckpointError(f"{train.init_from}: no tokenizer.json to fine-tune with")
+        return Run("finetune", out_dir, finetune_config(loaded, tables), train, data, Tokenizer.load(path),
+                   source_dir, text)
+    tokenizer = (Tokenizer.train_char(text) if data.tokenizer == "char"
+                 else Tokenizer.train_bpe(text, data.bpe_vocab_size))
+    return Run("fresh", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer, None,
+               text)
+
+
+def _tables(preset: str | None, overrides: list[str], resume: bool) -> tuple[dict, str]:
+    """The raw config tables and where they came from: the preset with the
+    overrides, or with --resume the saved config.json with the overrides on top."""
+    tables = load_sections(preset, overrides)
+    if not resume:
+        return tables, str(preset)
+    out_dir = build_section("train", tables.get("train", {}), str(preset)).out_dir
+    saved = Path(out_dir).expanduser() / CONFIG_FILE
+    if not saved.is_file():
+        raise RunError(f"--resume: no {CONFIG_FILE} in {out_dir} (nothing to resume)")
+    try:
+        tables = json.loads(saved.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"--resume: {saved} is not a run's config ({e})") from None
+    if not isinstance(tables, dict):
+        raise RunError(f"--resume: {saved} is not a run's config (not a JSON object)")
+    for text in overrides:
+        apply_override(tables, text)
+    return tables, f"{out_dir}/{CONFIG_FILE}"
+
+
+def model_config(tables: dict, vocab_size: int, source: str = "config") -> ModelConfig:
+    """The [model] section with vocab_size taken from the tokenizer: a preset
+    may pad the vocabulary (a larger vocab_size) but never truncate it."""
+    table = dict(tables.get("model", {}))
+    given = table.get("vocab_size")
+    if given is not None and isinstance(given, int) and given < vocab_size:
+        raise ConfigError(f"{source}: model.vocab_size = {given} is smaller than the tokenizer's "
+                          f"{vocab_size} tokens (drop it from the preset to take the tokenizer's)")
+    table["vocab_size"] = given if given is not None else vocab_size
+    return build_section("model", table, source)
+
+
+def finetune_config(loaded: ModelConfig, tables: dict) -> ModelConfig:
+    """A fine-tuned model keeps the architecture it was trained with; only
+    the dropout rates of an explicit [model] table apply."""
+    table = tables.get("model", {})
+    return loaded.replace(**{k: table[k] for k in DROPOUT_FIELDS if k in table})
+
+
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """A fresh run never writes over a previous run or a user's files; a
+    resumed one needs a checkpoint."""
+    checkpoints = out_dir / "checkpoints"
+    if resume:
+        if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+            raise RunError(f"--resume: no checkpoint in {checkpoints} (nothing to resume)")
+        return
+    existing = [name for name in OUTPUTS if (out_dir / name).exists()]
+    if existing:
+        raise RunError(f"{out_dir} already holds a run ({', '.join(existing)}): pass --resume to continue it "
+                       f"or choose another train.out_dir")

@@ -1,0 +1,90 @@
+"""jaxgpt's engine for the shared training loop (gptcore.loop.Engine).
+
+Parallel text: torchgpt/engine.py. The engine holds one TrainState and the
+runner that places it on the devices; the loop never sees a jax array.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+
+from gptcore.run import Run
+from jaxgpt import generate
+from jaxgpt.checkpoint import load_model, save_model
+from jaxgpt.model import count_params, init_params, stack_layers, unstack_layers
+from jaxgpt.runners import make_runner
+from jaxgpt.step import create_state, evaluate, make_model, step_key
+from jaxgpt.train_checkpoints import Checkpoints
+
+
+class JaxEngine:
+    def __init__(self, run: Run):
+        tc, mc = run.train, run.model
+        self.run = run
+        self.runner = make_runner(tc)  # a device count that cannot split the batch fails here
+        self.lead = jax.process_index() == 0  # the process that writes files other than checkpoints
+        self.model = make_model(mc, tc)
+        # fine-tuning: the source's params with a fresh optimizer
+        params = load_model(run.init_from)[1] if run.mode == "finetune" else init_params(mc, tc.seed)
+        if tc.scan_layers:  # the unrolled params stacked: the same initial weights either way
+            params = stack_layers(params, mc.n_layers)
+        self._n_params = count_params(params)
+        self.state = create_state(self.model, params, tc)  # on the host until the first step or evaluation
+        self._placed = False
+        self._checkpoints: Checkpoints | None = None
+        self.best_params = None
+
+    @property
+    def checkpoints(self) -> Checkpoints:  # made on first use: a run that fails in setup leaves no checkpoints/
+        if self._checkpoints is None:
+            self._checkpoints = Checkpoints(self.run.out_dir / "checkpoints", self.run.train.keep_checkpoints)
+        return self._checkpoints
+
+    def _placed_state(self):
+        if not self._placed:
+            self.state, self._placed = self.runner.place_state(self.state), True
+        return self.state
+
+    def describe(self) -> str:
+        return self.runner.describe()
+
+    def n_params(self) -> int:
+        return self._n_params
+
+    def restore(self) -> tuple[int, dict]:
+        self.state, loop_state = self.checkpoints.restore(self.state)
+        return int(self.state.step), loop_state
+
+    def step(self, step: int, batch):
+        state = self._placed_state()
+        self.state, metrics = self.runner.step(state, self.runner.place_batch(batch), step_key(self.run.train.seed,
+                                                                                                step))
+        return metrics
+
+    def metrics(self, handle) -> dict[str, float]:
+        return self.runner.metrics(handle)
+
+    def evaluate(self, batches) -> float:
+        return evaluate(self.model, self.runner.eval_params(self._placed_state()), batches)
+
+    def save(self, step: int, loop_state: dict, val_loss: float, improved: bool) -> None:
+        self.checkpoints.save(self.runner.checkpoint_state(self.state), loop_state, val_loss)
+
+    def load_best(self, best_step: int, step: int) -> None:
+        self.best_params = jax.device_get(self.runner.eval_params(self._placed_state()))
+        if 0 <= best_step != step:  # the best checkpoint is an earlier one
+            self.best_params = self.checkpoints.restore(self.runner.checkpoint_state(self.state), best_step)[0].params
+
+    def export(self, directory: Path, tokenizer_file: Path) -> None:
+        save_model(directory, self.best_params, self.run.model, tokenizer_file, overwrite=True)
+
+    def sample(self, prompt_ids: list[int], n_tokens: int, temperature: float, seed: int) -> list[int]:
+        chunks = generate.stream(unstack_layers(self.best_params), self.run.model, prompt_ids,
+                                 max_new_tokens=n_tokens, temperature=temperature, rng=jax.random.PRNGKey(seed))
+        return [t for chunk in chunks for t in chunk]
+
+    def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.close()

@@ -1,0 +1,63 @@
+"""One training step of torchgpt, the reference.
+
+Parallel text: jaxgpt/step.py. One optimizer step:
+
+    grads = sum over A micro-batches of d/dparams [ sum_valid nll / N_valid_total + coef * aux / A ]
+    grads = grads * min(1, clip / (|grads| + 1e-6))          # clip_grad_norm_
+    params = AdamW(lr_at(step), betas, eps, weight_decay on matrices only)(grads)
+
+Shape legend: A micro-batches per step, B batch, T block size, V vocab.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gptcore.train_config import TrainConfig
+from torchgpt import ops
+from torchgpt.model import GPT
+from torchgpt.optim import set_lr
+
+
+def loss_fn(model: GPT, x, y, valid, n_total, n_micro):
+    """The micro-batch's share of the step's objective: its summed nll over
+    the step's N valid positions (so A micro-batches add up to the big
+    batch's mean) plus its share of the MoE load-balancing loss."""
+    out = model(x, valid=valid)
+    n = valid.sum().float()
+    nll_sum = ops.cross_entropy(out.logits, y, valid) * n
+    objective = nll_sum / n_total + model.cfg.aux_loss_coef * out.aux_loss / n_micro
+    return objective, (nll_sum, out.aux_loss)
+
+
+def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch, step: int, cfg: TrainConfig) -> dict:
+    """One optimizer step on `batch` (x, y, valid each (A, B, T)); gradients
+    of the A micro-batches accumulate in .grad."""
+    x, y, valid = batch  # (A, B, T) each
+    n_micro = x.shape[0]
+    n_total = valid.sum().float().clamp(min=1.0)
+    lr = set_lr(optimizer, step, cfg)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    nll_sum, aux = 0.0, 0.0
+    for i in range(n_micro):
+        objective, (nll_i, aux_i) = loss_fn(model, x[i], y[i], valid[i], n_total, n_micro)
+        objective.backward()
+        nll_sum, aux = nll_sum + nll_i.detach(), aux + aux_i.detach() / n_micro
+    params = [p for p in model.parameters() if p.grad is not None]
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # the norm before clipping
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    optimizer.step()
+    return {"loss": float(nll_sum / n_total), "aux_loss": float(aux), "grad_norm": float(grad_norm), "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches, device) -> float:
+    """Mean loss over the fixed evaluation batches (x, y (B, T) each), dropout off."""
+    model.eval()
+    losses = [float(ops.cross_entropy(model(torch.from_numpy(x).to(device)).logits, torch.from_numpy(y).to(device)))
+              for x, y in batches]
+    return float(np.mean(losses))
