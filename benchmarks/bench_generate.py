@@ -35,12 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from gptcore.generation import check_sampling
-from gptcore.presets import load_model_config
 import jaxgpt.generate as jg
 import jaxgpt.model as jm
 import torchgpt.generate as tg
 import torchgpt.model as tm
+from gptcore.generation import check_sampling
+from gptcore.presets import load_model_config
 
 THREADS = torch.get_num_threads()
 NO_DROPOUT = dict(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
@@ -59,7 +59,7 @@ def timed(fn):
 
 def bench(name, cfg, batch, prompt_len, new_tokens, no_cache_tokens, rows):
     params = jm.init_params(cfg, seed=0)
-    tmodel = tm.load_state_arrays(tm.GPT(cfg), jm.state_dict_from_params(params)).eval()
+    tmodel = tm.load_state_arrays(jm.state_arrays(params), cfg)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
     kw = dict(temperature=0.0)
 

@@ -9,11 +9,12 @@ on a `jaxgpt.step.create_state` state (jitted, state donated) on one XLA
 device, the same step as `python -m jaxgpt.train` runs it by default on a CPU
 host ("jaxgpt, N CPU devices": the host split into one device per core by
 `jaxgpt.runners.split_cpu`, a data-parallel mesh over them; --cpu-devices 1
-leaves it out), and
+leaves it out; "..., reference kernels": the same with jaxgpt.ops' autodiff
+path instead of jaxgpt.cpu_kernels, what the CPU kernels buy), and
 `torchgpt.step.train_step` on a `torchgpt.optim.make_optimizer` optimizer,
 eager and (unless --no-compile) with the model wrapped in `torch.compile`.
 All start from the same initial weights (torch's init, copied into jax with
-params_from_state_dict) and see the same batches (gptcore.training.TrainBatches),
+load_state_arrays) and see the same batches (gptcore.training.TrainBatches),
 so their losses must agree step by step; the table reports the largest
 relative difference over every step taken (warmup included).
 
@@ -67,16 +68,16 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from gptcore import training
-from gptcore.presets import load_config, load_model_config
-from gptcore.train_config import DataConfig, TrainConfig
 import jaxgpt.model as jm
 import jaxgpt.runners as jr
 import jaxgpt.step as jt
-from jaxgpt.runners import MeshRunner
 import torchgpt.model as tm
 import torchgpt.optim as topt
 import torchgpt.step as tt
+from gptcore import training
+from gptcore.presets import load_config, load_model_config
+from gptcore.train_config import DataConfig, TrainConfig
+from jaxgpt.runners import MeshRunner
 
 NO_DROPOUT = dict(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -134,8 +135,12 @@ def memory_probe(name: str, engine: str) -> None:
     torch.manual_seed(tc.seed)
     np_state = tm.state_arrays(tm.GPT(cfg))
     batch_of = make_batches(cfg, tc)
-    e = TorchEngine(cfg, tc, np_state, compile_=engine == "torch.compile") if engine.startswith("torch") else \
-        JaxEngine(cfg, tc, np_state, None if engine == "jaxgpt" else data_parallel_runner(tc))
+    if engine.startswith("torch"):
+        e = TorchEngine(cfg, tc, np_state, compile_=engine == "torch.compile")
+    else:
+        kernels = "reference" if engine.endswith(REFERENCE_SUFFIX) else "auto"
+        runner = data_parallel_runner(tc) if engine.startswith("jaxgpt,") else None  # "jaxgpt, N CPU devices"
+        e = JaxEngine(cfg, tc, np_state, runner, kernels=kernels)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     base = status_kb("VmRSS")
@@ -155,6 +160,9 @@ def measure_memory(name: str, engine: str) -> str:
 
 
 # -- the engines --------------------------------------------------------------------
+REFERENCE_SUFFIX = ", reference kernels"
+
+
 class JaxEngine:
     """jaxgpt's training step through a runner: jr.SingleDevice (one XLA
     device) or what `python -m jaxgpt.train` runs by default (parallel
@@ -164,8 +172,10 @@ class JaxEngine:
         self.runner = runner or jr.SingleDevice()
         n = self.runner.n_devices
         self.name = "jaxgpt" if n == 1 else f"jaxgpt, {n} CPU devices"
+        if model_kwargs.get("kernels") == "reference":
+            self.name += REFERENCE_SUFFIX
         self.model = jm.GPT(cfg, **model_kwargs)
-        params = jm.params_from_state_dict(np_state, cfg)
+        params = jm.load_state_arrays(np_state, cfg)
         if model_kwargs.get("scan_layers"):
             params = jm.stack_layers(params, cfg.n_layers)
         self.state = self.runner.place_state(jt.create_state(self.model, params, tc))
@@ -189,7 +199,7 @@ class JaxEngine:
 class TorchEngine:
     def __init__(self, cfg, tc, np_state, compile_=False):
         self.name = "torch.compile" if compile_ else "torch eager"
-        self.model = tm.load_state_arrays(tm.GPT(cfg), np_state)
+        self.model = tm.load_state_arrays(np_state, cfg)
         self.optimizer = topt.make_optimizer(self.model, tc)
         self.module = torch.compile(self.model) if compile_ else self.model
         self.tc = tc
@@ -227,6 +237,8 @@ def run_config(name, cfg, tc, steps, warmup, rounds, use_compile, ceiling) -> st
     engines = [JaxEngine(cfg, tc, np_state), TorchEngine(cfg, tc, np_state)]
     if (runner := data_parallel_runner(tc)) is not None:
         engines.insert(1, JaxEngine(cfg, tc, np_state, runner))
+        # the autodiff reference path on the same devices: what jaxgpt.cpu_kernels buys
+        engines.insert(2, JaxEngine(cfg, tc, np_state, data_parallel_runner(tc), kernels="reference"))
     if use_compile:
         engines.append(TorchEngine(cfg, tc, np_state, compile_=True))
     losses = {e.name: [] for e in engines}

@@ -15,7 +15,8 @@ from typing import Literal
 
 from gptcore.errors import UserError
 
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "none")  # each twin's positions.KINDS implements these
+ROPE_SCALINGS = ("none", "llama3")  # gptcore.rope.SCALINGS
 MLPS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
@@ -47,6 +48,14 @@ class ModelConfig:
     # positions
     position: Literal["learned", "sinusoidal", "rope", "none"] = "learned"
     rope_base: float = 10000.0  # rotate-half (GPT-NeoX / HF Llama) layout
+    # RoPE frequency scaling for contexts past the trained one (gptcore.rope); "llama3" is Llama 3.1's:
+    # wavelengths above original_context / low_freq_factor slow down by rope_factor, those below
+    # original_context / high_freq_factor stay, and the band between is interpolated
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
 
     # attention
     qkv_fused: bool = True  # one [q | k | v] projection, else q_proj, k_proj, v_proj
@@ -141,7 +150,8 @@ def _default_derived(cfg: ModelConfig, name: str):
 
 
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
-_CHOICES = {"position": POSITIONS, "mlp": MLPS, "norm": NORMS, "norm_placement": NORM_PLACEMENTS}
+_CHOICES = {"position": POSITIONS, "rope_scaling": ROPE_SCALINGS, "mlp": MLPS, "norm": NORMS,
+            "norm_placement": NORM_PLACEMENTS}
 
 
 def check_field_types(cfg, choices: dict[str, tuple[str, ...]]) -> None:
@@ -181,6 +191,11 @@ def _check_values(c: ModelConfig) -> None:
     require(c.position != "rope" or c.head_dim % 2 == 0, "head_dim", "must be even with rope positions")
     require(c.position != "sinusoidal" or c.d_model % 2 == 0, "d_model", "must be even with sinusoidal positions")
     require(c.rope_base > 1.0, "rope_base", "must be > 1")
+    require(c.rope_scaling == "none" or c.position == "rope", "rope_scaling", "needs position = \"rope\"")
+    require(c.rope_factor >= 1.0, "rope_factor", "must be >= 1")
+    require(0.0 < c.rope_low_freq_factor < c.rope_high_freq_factor, "rope_low_freq_factor",
+            f"must be in (0, rope_high_freq_factor={c.rope_high_freq_factor})")
+    require(c.rope_original_context > 0, "rope_original_context", "must be positive")
     require(c.norm_eps > 0.0, "norm_eps", "must be positive")
     require(c.n_experts == 0 or c.n_experts >= 2, "n_experts", "must be 0 (dense MLP) or at least 2")
     if c.is_moe:

@@ -22,6 +22,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 SAFETENSORS_FILE = "model.safetensors"
 RUN_MODEL_DIR = "model"  # the train CLIs export a run's model to OUT_DIR/model
+MODEL_WEIGHTS = ("params", SAFETENSORS_FILE)  # what either twin writes into a model directory (jax: both)
 
 
 class CheckpointError(UserError):

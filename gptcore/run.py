@@ -27,7 +27,7 @@ from gptcore.cli import Parser
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.corpus import corpus_from_spec
 from gptcore.errors import UserError
-from gptcore.model_dir import SAFETENSORS_FILE, CheckpointError, find_model_dir, read_model_config, tokenizer_path
+from gptcore.model_dir import MODEL_WEIGHTS, CheckpointError, find_model_dir, read_model_config, tokenizer_path
 from gptcore.presets import apply_override, build_section, load_sections
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
 from gptcore.tokenizer import Tokenizer
@@ -38,8 +38,6 @@ CONFIG_FILE = "config.json"
 OUTPUTS = (CONFIG_FILE, "checkpoints", "model", "metrics.jsonl")  # a fresh run refuses a directory holding any
 DROPOUT_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout")
 MODES = ("fresh", "resume", "finetune")
-# what makes a directory a model directory, for either twin (jaxgpt also writes its orbax params/)
-MODEL_WEIGHTS = ("params", SAFETENSORS_FILE)
 
 
 class RunError(UserError):

@@ -17,6 +17,7 @@ from gptcore.config import check_field_types, requirement
 DECAYS = ("matrices", "all", "none")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+KERNELS = ("auto", "reference", "cpu")
 PARALLELS = ("auto", "single", "pmap", "mesh")
 TOKENIZERS = ("char", "bpe")
 SAMPLERS = ("random", "sliding")
@@ -58,6 +59,8 @@ class TrainConfig:
     scan_layers: bool = False  # one compiled layer body run L times (fast compiles of deep models)
     remat: bool = False  # recompute each layer's activations in the backward pass (less memory)
     attention_impl: str = "einsum"  # "einsum" (ours), "xla" or "cudnn" (jax.nn.dot_product_attention)
+    kernels: str = "auto"  # norm / attention / Dense code: "reference" (autodiff), "cpu" (jaxgpt.cpu_kernels,
+    # XLA:CPU fast paths), "auto": "cpu" when JAX runs on the CPU
     seed: int = 1337  # init, batches and dropout
 
     # evaluation, early stopping, logging
@@ -136,7 +139,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-_CHOICES = {"decay": DECAYS, "dtype": DTYPES, "attention_impl": ATTENTION_IMPLS, "parallel": PARALLELS,
+_CHOICES = {"decay": DECAYS, "dtype": DTYPES, "attention_impl": ATTENTION_IMPLS, "kernels": KERNELS,
+            "parallel": PARALLELS,
             "tokenizer": TOKENIZERS, "sampler": SAMPLERS}
 
 

@@ -7,7 +7,9 @@ A jaxgpt parameter path maps to a torchgpt state_dict key by three rules:
 2. a module whose parameters are stacked on a leading axis (`blocks` under
    scan_layers, `experts` under nn.vmap) is unstacked into one key per index:
    ("blocks", "mlp", "experts", "up", "kernel")[l, e] -> "blocks.{l}.mlp.experts.{e}.up.weight";
-3. the leaf renames and transforms of `LEAF_RULES`, each with its inverse.
+3. the leaf renames and transforms of `LEAF_RULES`: gptcore.transforms'
+   Transform, the vocabulary of the foreign formats' key maps too, with
+   torch as "ours" (forward: torch -> jax, inverse: jax -> torch).
 
 The reverse direction (torch -> jax) walks a template of the jax tree and
 applies the same rules backwards, so it is derived, not written twice. Every
@@ -16,38 +18,41 @@ transform is exact: torch -> jax -> torch is bit-identical.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import re
+from typing import Mapping
 
 import numpy as np
 
 from gptcore.errors import UserError
+from gptcore.transforms import IDENTITY, TRANSPOSE, Transform
 
 
 class WeightsError(UserError):
     """Missing, unexpected or mis-shaped weights; the message names the key."""
 
 
-def _transpose(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.swapaxes(a, -1, -2))
-
-
-def _identity(a: np.ndarray) -> np.ndarray:
-    return a
-
-
-# jax leaf name -> (torch leaf name, jax -> torch transform, torch -> jax transform)
-LEAF_RULES: dict[str, tuple[str, Callable, Callable]] = {
-    "kernel": ("weight", _transpose, _transpose),  # Dense (in, out) <-> Linear (out, in)
-    "embedding": ("weight", _identity, _identity),
-    "scale": ("weight", _identity, _identity),  # LayerNorm / RMSNorm gain
-    "bias": ("bias", _identity, _identity),
+# jax leaf name -> (torch leaf name, transform torch -> jax)
+LEAF_RULES: dict[str, tuple[str, Transform]] = {
+    "kernel": ("weight", TRANSPOSE),  # Dense (in, out) <-> Linear (out, in)
+    "embedding": ("weight", IDENTITY),
+    "scale": ("weight", IDENTITY),  # LayerNorm / RMSNorm gain
+    "bias": ("bias", IDENTITY),
 }
 STACKED_MODULES = ("blocks", "experts")  # leading axis = layer / expert index
+LISTED = re.compile(r"(blocks)_(\d+)")  # Flax names layer i blocks_i; torch's ModuleList, blocks.i
 
 
 def _torch_part(part: str) -> str:
-    head, _, index = part.rpartition("_")
-    return f"{head}.{index}" if head and index.isdigit() else part
+    listed = LISTED.fullmatch(part)
+    return f"{listed[1]}.{listed[2]}" if listed else part
+
+
+def _to_torch(transform: Transform, a: np.ndarray) -> np.ndarray:
+    return transform.inverse([a], None)[0]
+
+
+def _from_torch(transform: Transform, a: np.ndarray) -> np.ndarray:
+    return transform.forward([a], None)[0]
 
 
 def jax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
@@ -64,8 +69,8 @@ def jax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
                 else:
                     walk(value, prefix + [_torch_part(key)])
             else:
-                name, to_torch, _ = LEAF_RULES.get(key, (key, _identity, _identity))
-                out[".".join(prefix + [name])] = to_torch(np.asarray(value))
+                name, transform = LEAF_RULES.get(key, (key, IDENTITY))
+                out[".".join(prefix + [name])] = _to_torch(transform, np.asarray(value))
 
     walk(params, [])
     return out
@@ -77,13 +82,13 @@ def torch_to_jax(state: Mapping[str, np.ndarray], template: Mapping) -> dict:
     unexpected and mis-shaped keys raise WeightsError naming them."""
     used: set[str] = set()
 
-    def take(name: str, shape: tuple, from_torch: Callable) -> np.ndarray:
+    def take(name: str, shape: tuple, transform: Transform) -> np.ndarray:
         if name not in state:
             raise WeightsError(f"missing weight {name!r}")
-        value = from_torch(np.asarray(state[name]))
+        value = _from_torch(transform, np.asarray(state[name]))
         if tuple(value.shape) != tuple(shape):
             raise WeightsError(f"weight {name!r} has shape {tuple(np.shape(state[name]))}, "
-                               f"the model expects {_torch_shape(shape, from_torch)}")
+                               f"the model expects {_torch_shape(shape, transform)}")
         used.add(name)
         return value
 
@@ -97,8 +102,8 @@ def torch_to_jax(state: Mapping[str, np.ndarray], template: Mapping) -> dict:
                 else:
                     out[key] = walk(value, prefix + [_torch_part(key)])
             else:
-                name, _, from_torch = LEAF_RULES.get(key, (key, _identity, _identity))
-                out[key] = take(".".join(prefix + [name]), value.shape, from_torch)
+                name, transform = LEAF_RULES.get(key, (key, IDENTITY))
+                out[key] = take(".".join(prefix + [name]), value.shape, transform)
         return out
 
     params = walk(_shapes(template), [])
@@ -144,7 +149,7 @@ def _stack(parts: list):
     return np.stack(parts)
 
 
-def _torch_shape(jax_shape: tuple, from_torch: Callable) -> tuple:
-    if from_torch is _transpose:
+def _torch_shape(jax_shape: tuple, transform: Transform) -> tuple:
+    if transform is TRANSPOSE:
         return tuple(jax_shape[:-2]) + (jax_shape[-1], jax_shape[-2])
     return tuple(jax_shape)

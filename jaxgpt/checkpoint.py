@@ -32,7 +32,7 @@ from gptcore.model_dir import (  # noqa: F401
     tokenizer_path,
     write_model_dir,
 )
-from jaxgpt.model import param_shapes, params_from_state_dict, stack_layers, state_dict_from_params, unstack_layers
+from jaxgpt.model import load_state_arrays, param_shapes, stack_layers, state_arrays, unstack_layers
 
 PARAMS_DIR = "params"
 
@@ -45,7 +45,7 @@ def save_model(directory: str | Path, params, cfg: ModelConfig, tokenizer_file: 
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
-        safetensors.numpy.save_file(state_dict_from_params(params), tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
+        safetensors.numpy.save_file(state_arrays(params), tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
 
     return write_model_dir(directory, cfg, tokenizer_file, write_weights, overwrite=overwrite)
 
@@ -63,7 +63,7 @@ def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[Mod
     target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(cfg))
     if not (directory / PARAMS_DIR).is_dir() and (directory / SAFETENSORS_FILE).is_file():
         try:  # a directory written by torchgpt.checkpoint.save_model
-            params = params_from_state_dict(safetensors.numpy.load_file(directory / SAFETENSORS_FILE), cfg)
+            params = load_state_arrays(safetensors.numpy.load_file(directory / SAFETENSORS_FILE), cfg)
         except Exception as e:  # safetensors / WeightsError: truncated or foreign file
             raise CheckpointError(f"{directory}: cannot read {SAFETENSORS_FILE} ({e.__class__.__name__}: {e})") from None
         return _finish(directory, cfg, params, scan_layers)

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from gptcore.config import ModelConfig
-from jaxgpt import ops
+from gptcore.train_config import KERNELS
+from jaxgpt import cpu_kernels, ops
+from jaxgpt.positions import KINDS
 
 Cache = dict[str, jax.Array]
 
@@ -48,20 +50,22 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
     }
 
 
-class Dense(nn.Dense):
-    """nn.Dense applied to a 2-D (N, C) view of its input. Same parameters,
-    same result; faster on CPU: the weight gradient x^T @ dy needs
-    transposed copies of x and dy, and XLA CPU emits a 2-D transpose with its
-    tiled transpose kernel but an N-D one as a slow loop (the step of
-    nanoGPT's CPU config spent ~1/3 of its time there)."""
-
-    def __call__(self, x):  # (..., C) -> (..., features)
-        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.features)
+def kernel_ops(kernels: str):
+    """The module whose norm / attention / Dense the model computes with:
+    jaxgpt.ops, the reference (autodiff, the parallel text of torchgpt.ops),
+    or jaxgpt.cpu_kernels, the same functions made fast for XLA:CPU. "auto":
+    the CPU kernels when JAX runs on the CPU, else the reference."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels == "auto":
+        kernels = "cpu" if jax.default_backend() == "cpu" else "reference"
+    return cpu_kernels if kernels == "cpu" else ops
 
 
 def _dense(cfg: ModelConfig, features: int, bias: bool, name: str, std: float | None = None,
-           dtype=jnp.float32) -> nn.Dense:
-    return Dense(features, use_bias=bias, name=name, dtype=dtype,
+           dtype=jnp.float32, kernels: str = "auto") -> nn.Dense:
+    dense = getattr(kernel_ops(kernels), "Dense", nn.Dense)
+    return dense(features, use_bias=bias, name=name, dtype=dtype,
                  kernel_init=nn.initializers.normal(std or cfg.init_std),
                  bias_init=nn.initializers.zeros)
 
@@ -71,6 +75,7 @@ class Norm(nn.Module):
     (mean first, then the mean of squared deviations): Flax's fast
     E[x^2] - E[x]^2 loses digits when |mean| >> std."""
     cfg: ModelConfig
+    kernels: str = "auto"  # see kernel_ops
 
     @nn.compact
     def __call__(self, x):  # (..., C) -> (..., C)
@@ -78,7 +83,8 @@ class Norm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         layernorm = c.norm == "layernorm"
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],)) if layernorm and c.norm_bias else None
-        return ops.norm(x.astype(jnp.float32), scale, bias, c.norm_eps, center=layernorm).astype(x.dtype)
+        normed = kernel_ops(self.kernels).norm(x.astype(jnp.float32), scale, bias, c.norm_eps, center=layernorm)
+        return normed.astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -92,6 +98,7 @@ class Attention(nn.Module):
     deterministic: bool = True
     dtype: Any = jnp.float32
     attention_impl: str = "einsum"  # see GPT
+    kernels: str = "auto"  # see kernel_ops
 
     @nn.compact
     def __call__(self, x, positions, mask, layer_cache=None, cache_end=None):
@@ -99,18 +106,16 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, D = c.n_heads, c.n_kv_heads, c.head_dim
         if c.qkv_fused:  # one projection, output laid out [q (H*D) | k (K*D) | v (K*D)]
-            qkv = _dense(c, c.q_dim + 2 * c.kv_dim, c.qkv_bias, "qkv_proj", dtype=self.dtype)(x)
+            qkv = self._dense(c.q_dim + 2 * c.kv_dim, c.qkv_bias, "qkv_proj")(x)
             q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
         else:
-            q = _dense(c, c.q_dim, c.qkv_bias, "q_proj", dtype=self.dtype)(x)
-            k = _dense(c, c.kv_dim, c.qkv_bias, "k_proj", dtype=self.dtype)(x)
-            v = _dense(c, c.kv_dim, c.qkv_bias, "v_proj", dtype=self.dtype)(x)
+            q = self._dense(c.q_dim, c.qkv_bias, "q_proj")(x)
+            k = self._dense(c.kv_dim, c.qkv_bias, "k_proj")(x)
+            v = self._dense(c.kv_dim, c.qkv_bias, "v_proj")(x)
         q = q.reshape(B, T, H, D)  # (B, T, H, D)
         k = k.reshape(B, T, K, D)  # (B, T, K, D)
         v = v.reshape(B, T, K, D)  # (B, T, K, D)
-        if c.position == "rope":
-            q = ops.apply_rope(q, positions, c.rope_base)
-            k = ops.apply_rope(k, positions, c.rope_base)
+        q, k = KINDS[c.position].rotate(c, q, k, positions)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, D): head-major, as cached
         if layer_cache is not None:  # write the new keys at slots [end, end + T)
             k, v = (jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, 0, cache_end, 0))
@@ -119,15 +124,15 @@ class Attention(nn.Module):
 
         if self.attention_impl != "einsum":
             out = self._fused(q, k, v, mask).reshape(B, T, H * D)  # (B, T, H*D)
-            out = _dense(c, c.d_model, c.out_bias, "out_proj", c.residual_init_std, self.dtype)(out)
+            out = self._dense(c.d_model, c.out_bias, "out_proj", c.residual_init_std)(out)
             return out, layer_cache
 
         q = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, D)
         rng = self._rng(c.attn_dropout)
         keep = None if rng is None else ops.dropout_keep_mask(rng, c.attn_dropout, (B, K, H // K, T, k.shape[2]))
-        out = ops.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, keep, c.attn_dropout)
+        out = kernel_ops(self.kernels).attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, keep, c.attn_dropout)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
-        out = _dense(c, c.d_model, c.out_bias, "out_proj", c.residual_init_std, self.dtype)(out.astype(self.dtype))
+        out = self._dense(c.d_model, c.out_bias, "out_proj", c.residual_init_std)(out.astype(self.dtype))
         return out, layer_cache  # (B, T, C)
 
     def _fused(self, q, k, v, mask):
@@ -146,21 +151,25 @@ class Attention(nn.Module):
     def _rng(self, rate):
         return None if self.deterministic or rate == 0.0 else self.make_rng("dropout")
 
+    def _dense(self, features, bias, name, std=None):
+        return _dense(self.cfg, features, bias, name, std, self.dtype, self.kernels)
+
 
 class MLP(nn.Module):
     """relu / gelu / gelu_tanh: down(act(up(x))); swiglu: down(silu(gate(x)) * up(x))."""
     cfg: ModelConfig
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x):  # (..., C) -> (..., C)
         c = self.cfg
         if c.mlp == "swiglu":
-            h = ops.activation("silu", _dense(c, c.d_ff, c.mlp_bias, "gate", dtype=self.dtype)(x))
-            h = h * _dense(c, c.d_ff, c.mlp_bias, "up", dtype=self.dtype)(x)
+            h = ops.activation("silu", _dense(c, c.d_ff, c.mlp_bias, "gate", None, self.dtype, self.kernels)(x))
+            h = h * _dense(c, c.d_ff, c.mlp_bias, "up", None, self.dtype, self.kernels)(x)
         else:
-            h = ops.activation(c.mlp, _dense(c, c.d_ff, c.mlp_bias, "up", dtype=self.dtype)(x))
-        return _dense(c, c.d_model, c.mlp_bias, "down", c.residual_init_std, self.dtype)(h)
+            h = ops.activation(c.mlp, _dense(c, c.d_ff, c.mlp_bias, "up", None, self.dtype, self.kernels)(x))
+        return _dense(c, c.d_model, c.mlp_bias, "down", c.residual_init_std, self.dtype, self.kernels)(h)
 
 
 class MoE(nn.Module):
@@ -172,6 +181,7 @@ class MoE(nn.Module):
     """
     cfg: ModelConfig
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, valid):  # (B, T, C), (B, T) -> (B, T, C), ()
@@ -185,10 +195,10 @@ class MoE(nn.Module):
 
         experts = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=None, out_axes=0, axis_size=c.n_experts)
-        expert_out = experts(c, self.dtype, name="experts")(x)  # (E, B, T, C)
+        expert_out = experts(c, self.dtype, self.kernels, name="experts")(x)  # (E, B, T, C)
         out = jnp.einsum("BTE,EBTC->BTC", combine.astype(expert_out.dtype), expert_out)
         if c.shared_expert:
-            out = out + MLP(c, self.dtype, name="shared_expert")(x)
+            out = out + MLP(c, self.dtype, self.kernels, name="shared_expert")(x)
         return out, load_balancing_loss(logits, choice, valid)
 
 
@@ -211,13 +221,14 @@ class Block(nn.Module):
     deterministic: bool = True
     dtype: Any = jnp.float32
     attention_impl: str = "einsum"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, layer_cache, positions, mask, valid, cache_end):
         c = self.cfg
-        norm1, norm2 = Norm(c, name="norm1"), Norm(c, name="norm2")
-        attn = Attention(c, self.deterministic, self.dtype, self.attention_impl, name="attn")
-        mlp = MoE(c, self.dtype, name="mlp") if c.is_moe else MLP(c, self.dtype, name="mlp")
+        norm1, norm2 = Norm(c, self.kernels, name="norm1"), Norm(c, self.kernels, name="norm2")
+        attn = Attention(c, self.deterministic, self.dtype, self.attention_impl, self.kernels, name="attn")
+        mlp = (MoE if c.is_moe else MLP)(c, self.dtype, self.kernels, name="mlp")
 
         def ffn(h):
             return mlp(h, valid) if c.is_moe else (mlp(h), jnp.zeros((), jnp.float32))
@@ -246,14 +257,16 @@ class GPT(nn.Module):
     activations in the backward pass. attention_impl picks the attention
     kernel: "einsum" (ours, every feature), "xla" or "cudnn" (via
     jax.nn.dot_product_attention; no attention dropout; "cudnn" is cuDNN
-    flash attention on NVIDIA GPUs, bf16 / fp16). None of them changes the
-    function computed.
+    flash attention on NVIDIA GPUs, bf16 / fp16). kernels picks the norm,
+    attention and Dense code (kernel_ops): the autodiff reference or the
+    XLA:CPU fast paths. None of them changes the function computed.
     """
     cfg: ModelConfig
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     scan_layers: bool = False
     remat: bool = False
     attention_impl: str = "einsum"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, tokens, positions=None, valid=None, cache: Cache | None = None,
@@ -279,11 +292,7 @@ class GPT(nn.Module):
         tok_emb = nn.Embed(c.vocab_size, c.d_model, name="tok_emb",
                            embedding_init=nn.initializers.normal(c.init_std))
         x = tok_emb(tokens)  # (B, T, C)
-        if c.position == "learned":
-            x = x + nn.Embed(c.context_length, c.d_model, name="pos_emb",
-                             embedding_init=nn.initializers.normal(c.init_std))(positions)
-        elif c.position == "sinusoidal":
-            x = x + ops.sinusoidal_positions(positions, c.d_model)
+        x = KINDS[c.position].embed(c, x, positions)  # (B, T, C)
         x = ops.dropout(x, c.embd_dropout, None if deterministic or c.embd_dropout == 0.0
                         else self.make_rng("dropout")).astype(self.dtype)
 
@@ -293,14 +302,14 @@ class GPT(nn.Module):
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                              length=c.n_layers)
             stacked = None if cache is None else tuple(jnp.stack(a) for a in (cache["k"], cache["v"]))
-            x, (stacked, aux) = blocks(c, deterministic, self.dtype, self.attention_impl, name="blocks")(
+            x, (stacked, aux) = blocks(c, deterministic, self.dtype, self.attention_impl, self.kernels, name="blocks")(
                 x, stacked, positions, mask, valid, offset)  # cache (L, B, K, S, D): copied in and out
             if cache is not None:
                 layer_caches = [(stacked[0][i], stacked[1][i]) for i in range(c.n_layers)]
         else:
             aux = []
             for i in range(c.n_layers):
-                x, (layer_cache, layer_aux) = block(c, deterministic, self.dtype, self.attention_impl,
+                x, (layer_cache, layer_aux) = block(c, deterministic, self.dtype, self.attention_impl, self.kernels,
                                                     name=f"blocks_{i}")(
                     x, None if cache is None else layer_caches[i], positions, mask, valid, offset)
                 if cache is not None:
@@ -309,13 +318,13 @@ class GPT(nn.Module):
             aux = jnp.stack(aux)
 
         if c.norm_placement == "pre":  # post-norm blocks already end in a norm
-            x = Norm(c, name="norm_f")(x)
+            x = Norm(c, self.kernels, name="norm_f")(x)
         if c.tie_embeddings:
             logits = tok_emb.attend(x.astype(jnp.float32).reshape(B * T, -1)).reshape(B, T, -1)  # 2-D: see Dense
             if c.lm_head_bias:
                 logits = logits + self.param("lm_head_bias", nn.initializers.zeros, (c.vocab_size,))
         else:
-            logits = _dense(c, c.vocab_size, c.lm_head_bias, "lm_head")(x.astype(jnp.float32))
+            logits = _dense(c, c.vocab_size, c.lm_head_bias, "lm_head", kernels=self.kernels)(x.astype(jnp.float32))
 
         new_cache = None
         if cache is not None:
@@ -332,6 +341,7 @@ def init_params(cfg: ModelConfig, seed: int = 0, **model_kwargs) -> dict:
 
 
 def count_params(params) -> int:
+    """Parameters of a params tree (torchgpt's takes its model: each twin's weights holder)."""
     return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
 
 
@@ -342,15 +352,16 @@ def param_shapes(cfg: ModelConfig, **model_kwargs) -> dict:
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
 
 
-def params_from_state_dict(state, cfg: ModelConfig, **model_kwargs) -> dict:
-    """torchgpt state_dict (as numpy arrays) -> jaxgpt params, by gptcore.weights' rules."""
+def load_state_arrays(state, cfg: ModelConfig, **model_kwargs) -> dict:
+    """Params holding numpy arrays given by torchgpt state_dict key (gptcore.weights' rules);
+    missing, unexpected or mis-shaped keys raise."""
     from gptcore.weights import torch_to_jax
     tree = torch_to_jax(state, param_shapes(cfg, **model_kwargs))
     return jax.tree_util.tree_map(jnp.asarray, tree)
 
 
-def state_dict_from_params(params) -> dict:
-    """jaxgpt params -> torchgpt state_dict as numpy arrays."""
+def state_arrays(params) -> dict:
+    """The params as numpy arrays by torchgpt state_dict key (the twins' interchange form)."""
     from gptcore.weights import jax_to_torch
     return jax_to_torch(jax.device_get(params))
 

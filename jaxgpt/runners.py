@@ -65,7 +65,20 @@ class Runner(Protocol):
     def metrics(self, metrics: dict) -> dict[str, float]: ...
 
 
-class SingleDevice:
+class _OneCopy:
+    """A runner whose state is one copy (sharded or not), as the step returns it."""
+
+    def eval_params(self, state: TrainState):
+        return state.params
+
+    def checkpoint_state(self, state: TrainState) -> TrainState:
+        return state
+
+    def metrics(self, metrics: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in metrics.items()}
+
+
+class SingleDevice(_OneCopy):
     """The jitted step on the default device."""
     n_devices = 1
 
@@ -80,15 +93,6 @@ class SingleDevice:
 
     def step(self, state: TrainState, batch: Batch, rng: jax.Array):
         return step.train_step(state, batch, rng)
-
-    def eval_params(self, state: TrainState):
-        return state.params
-
-    def checkpoint_state(self, state: TrainState) -> TrainState:
-        return state
-
-    def metrics(self, metrics: dict) -> dict[str, float]:
-        return {k: float(v) for k, v in metrics.items()}
 
 
 class PmapRunner:
@@ -149,7 +153,7 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     return Mesh(devices.reshape(devices.size // fsdp, fsdp), AXES)
 
 
-class MeshRunner:
+class MeshRunner(_OneCopy):
     """jit over a ("data", "fsdp") mesh: data parallel and FSDP in one program."""
 
     def __init__(self, fsdp: int = 1, devices=None):
@@ -203,15 +207,6 @@ class MeshRunner:
 
     def step(self, state: TrainState, batch: Batch, rng: jax.Array):
         return self._step(state, batch, jax.device_put(rng, self.replicated))
-
-    def eval_params(self, state: TrainState):
-        return state.params
-
-    def checkpoint_state(self, state: TrainState) -> TrainState:
-        return state
-
-    def metrics(self, metrics: dict) -> dict[str, float]:
-        return {k: float(v) for k, v in metrics.items()}
 
 
 def _check_rows(a: np.ndarray, n_devices: int) -> np.ndarray:

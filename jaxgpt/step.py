@@ -48,11 +48,11 @@ class TrainState(struct.PyTreeNode):
 
 def make_model(mc: ModelConfig, tc: TrainConfig) -> GPT:
     """The model as the run computes it: tc's compute dtype (params stay
-    float32), layer scan, remat and attention kernel. Scanned layers take
+    float32), layer scan, remat, attention and kernels. Scanned layers take
     stack_layers(params); checkpoints and model directories hold whichever
     layout the run trains in, save_model writes the unrolled one."""
     return GPT(mc, dtype=jnp.bfloat16 if tc.dtype == "bfloat16" else jnp.float32, scan_layers=tc.scan_layers,
-               remat=tc.remat, attention_impl=tc.attention_impl)
+               remat=tc.remat, attention_impl=tc.attention_impl, kernels=tc.kernels)
 
 
 def create_state(model: GPT, params, cfg: TrainConfig) -> TrainState:

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from gptcore.config import ModelConfig
 import jaxgpt.model as jm
 import torchgpt.model as tm
+from gptcore.config import ModelConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.set_float32_matmul_precision("highest")
 
 TOL = 1e-5  # max abs difference of fp32 logits (HF's PT<->Flax tolerance)
+KERNELS = ("reference", "cpu")  # jaxgpt's two paths (jaxgpt.model.kernel_ops): both are held to torch
 
 
 def small(cfg: ModelConfig, **changes) -> ModelConfig:
@@ -51,7 +52,7 @@ def _twins(cfg: ModelConfig, seed: int):
                 p.normal_(0.0, p.shape[-1] ** -0.5)  # 1 / sqrt(fan_in)
             else:  # biases start at 0 and norm gains at 1: make them non-trivial
                 p.add_(0.1 * torch.randn_like(p))
-    params = jm.params_from_state_dict(tm.state_arrays(tmodel), cfg)
+    params = jm.load_state_arrays(tm.state_arrays(tmodel), cfg)
     return tmodel, params
 
 
@@ -65,8 +66,8 @@ def tokens_for(cfg: ModelConfig, batch: int = 2, length: int = 16, seed: int = 0
     return rng.integers(0, cfg.vocab_size, (batch, min(length, cfg.context_length))).astype(np.int32)
 
 
-def jax_forward(cfg, params, tokens, **kw):
-    return jm.GPT(cfg).apply({"params": params}, jnp.asarray(tokens), **kw)
+def jax_forward(cfg, params, tokens, kernels="auto", **kw):
+    return jm.GPT(cfg, kernels=kernels).apply({"params": params}, jnp.asarray(tokens), **kw)
 
 
 def torch_forward(tmodel, tokens, **kw):
@@ -79,10 +80,16 @@ def max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def logits_diff(cfg: ModelConfig, seed: int = 0, **kw) -> float:
+def logits_diff(cfg: ModelConfig, seed: int = 0, kernels: str = "auto", **kw) -> float:
     tmodel, params = twins(cfg, seed)
     tokens = tokens_for(cfg)
-    return max_diff(jax_forward(cfg, params, tokens, **kw).logits, torch_forward(tmodel, tokens, **kw).logits)
+    return max_diff(jax_forward(cfg, params, tokens, kernels, **kw).logits, torch_forward(tmodel, tokens, **kw).logits)
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request) -> str:
+    """Each test that takes it runs on both of jaxgpt's kernel paths."""
+    return request.param
 
 
 @pytest.fixture

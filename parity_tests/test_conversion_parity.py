@@ -13,15 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import jax_forward, max_diff, tokens_for, torch_forward, twins
 
+import torchgpt.model as tm
 from gptcore.config import ModelConfig
 from gptcore.formats import torch_pt
 from jaxgpt.checkpoint import load_model
 from jaxgpt.convert import convert
-from jaxgpt.model import state_dict_from_params
-import torchgpt.model as tm
-
-from conftest import jax_forward, max_diff, tokens_for, torch_forward, twins
+from jaxgpt.model import state_arrays
 
 HF_TOL = 1e-4
 transformers.logging.set_verbosity_error()
@@ -41,6 +40,13 @@ HF_CONFIGS = {
     "mixtral": lambda: transformers.MixtralConfig(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
+    # Llama 3.1's RoPE scaling; head_dim 16 at base 1e4 puts the wavelengths (6.3 .. 2e4) in all three of its
+    # bands for an original context of 32: kept (< 8), interpolated (8 .. 32) and slowed by the factor (> 32)
+    "llama3_rope_scaling": lambda: transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, rope_theta=10000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}),
 }
 HF_CLASSES = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
               "mixtral": transformers.MixtralForCausalLM}
@@ -66,7 +72,7 @@ def hf_logits(model, tokens) -> np.ndarray:
 def both_twins(jax_dir):
     """(cfg, torch model, jax params) from a jaxgpt model directory."""
     cfg, params, _ = load_model(jax_dir)
-    return cfg, tm.load_state_arrays(tm.GPT(cfg).eval(), state_dict_from_params(params)), params
+    return cfg, tm.load_state_arrays(state_arrays(params), cfg), params
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
@@ -78,8 +84,8 @@ def test_hf_save_pretrained_loads_into_both_twins(name, tmp_path):
     convert(tmp_path / "hf", tmp_path / "jax")
     convert(tmp_path / "hf", tmp_path / "model.pt")
     cfg, _, params = both_twins(tmp_path / "jax")
-    tmodel = tm.load_state_arrays(tm.GPT(cfg).eval(), torch_pt.load(tmp_path / "model.pt")["model"])
-    tokens = tokens_for(cfg, length=12)
+    tmodel = tm.load_state_arrays(torch_pt.load(tmp_path / "model.pt")["model"], cfg)
+    tokens = tokens_for(cfg, length=48)
     expected = hf_logits(model, tokens)
     assert max_diff(torch_forward(tmodel, tokens).logits, expected) <= HF_TOL
     assert max_diff(jax_forward(cfg, params, tokens).logits, expected) <= HF_TOL
@@ -100,6 +106,10 @@ OURS = {
     "mixtral": ModelConfig(vocab_size=96, context_length=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                            d_ff=48, position="rope", rope_base=1e6, qkv_fused=False, mlp="swiglu", norm="rmsnorm",
                            n_experts=4, top_k=2, tie_embeddings=False),
+    "llama3_rope_scaling": ModelConfig(vocab_size=96, context_length=64, d_model=32, n_layers=2, n_heads=2,
+                                       n_kv_heads=1, d_ff=48, position="rope", rope_scaling="llama3",
+                                       rope_factor=4.0, rope_original_context=16, qkv_fused=False, mlp="swiglu",
+                                       norm="rmsnorm"),
 }
 
 

@@ -8,17 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import TOL, max_diff, small, twins
 
-from gptcore.generation import GenerationError, check_sampling
-from gptcore.presets import load_model_config, preset_names
 import jaxgpt.checkpoint as jckpt
 import jaxgpt.generate as jg
 import jaxgpt.model as jm
 import torchgpt.checkpoint as tckpt
 import torchgpt.generate as tg
 import torchgpt.model as tm
-
-from conftest import TOL, max_diff, small, twins
+from gptcore.generation import GenerationError, check_sampling
+from gptcore.presets import load_model_config, preset_names
 
 # Left-padded prompts of lengths 3, 7 and 5: row b is padding for t < 7 - length.
 PROMPTS = np.array([[0, 0, 0, 0, 11, 12, 13],

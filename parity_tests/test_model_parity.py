@@ -7,14 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import TOL, jax_forward, logits_diff, max_diff, small, tokens_for, torch_forward, twins
 
-from gptcore.presets import load_model_config, preset_names
 import jaxgpt.model as jm
 import jaxgpt.ops as jops
 import torchgpt.model as tm
 import torchgpt.ops as tops
-
-from conftest import TOL, jax_forward, logits_diff, max_diff, small, tokens_for, torch_forward, twins
+from gptcore.presets import load_model_config, preset_names
 
 DEBUG = load_model_config("debug")
 
@@ -37,6 +36,7 @@ OPTIONS = {
     "learned": dict(position="learned"),
     "sinusoidal": dict(position="sinusoidal"),
     "rope": dict(position="rope", rope_base=500.0),
+    "rope_llama3_scaling": dict(position="rope", rope_scaling="llama3", rope_factor=4.0, rope_original_context=8),
     "no_positions": dict(position="none"),
     "fused_qkv": dict(qkv_fused=True),
     "separate_qkv_bias": dict(qkv_fused=False, qkv_bias=True, out_bias=True),
@@ -61,8 +61,8 @@ OPTIONS = {
 
 
 @pytest.mark.parametrize("option", OPTIONS)
-def test_every_config_option_full_logits(option):
-    assert logits_diff(DEBUG.replace(**OPTIONS[option])) <= TOL
+def test_every_config_option_full_logits(option, kernels):
+    assert logits_diff(DEBUG.replace(**OPTIONS[option]), kernels=kernels) <= TOL
 
 
 @pytest.mark.parametrize("scan,remat", [(True, False), (True, True), (False, True)])
@@ -80,12 +80,12 @@ def test_torch_jax_torch_round_trip_is_bit_exact():
         cfg = small(load_model_config(name))
         tmodel, params = twins(cfg)
         state = tm.state_arrays(tmodel)
-        back = jm.state_dict_from_params(params)
+        back = jm.state_arrays(params)
         assert back.keys() == state.keys()
         for key in state:
             assert back[key].dtype == state[key].dtype and np.array_equal(back[key], state[key]), key
         stacked = jm.stack_layers(params, cfg.n_layers)  # the scanned layout maps to the same names
-        assert all(np.array_equal(jm.state_dict_from_params(stacked)[k], state[k]) for k in state)
+        assert all(np.array_equal(jm.state_arrays(stacked)[k], state[k]) for k in state)
 
 
 # -- attention: GQA grouping, per head ---------------------------------------
@@ -169,7 +169,7 @@ GRADIENT_OPTIONS = {  # DEBUG is pre-RMSNorm; jaxgpt.ops.norm has a hand-written
 
 
 @pytest.mark.parametrize("option", GRADIENT_OPTIONS)
-def test_gradients_of_the_loss_for_every_parameter(option):
+def test_gradients_of_the_loss_for_every_parameter(option, kernels):
     cfg = DEBUG.replace(position="learned", aux_loss_coef=0.01, qkv_bias=True, mlp_bias=True,
                         **GRADIENT_OPTIONS[option])
     tmodel, params = twins(cfg)
@@ -179,10 +179,10 @@ def test_gradients_of_the_loss_for_every_parameter(option):
     valid[1, 10:] = False
 
     def jloss(p):
-        out = jm.GPT(cfg).apply({"params": p}, jnp.asarray(x), valid=jnp.asarray(valid))
+        out = jm.GPT(cfg, kernels=kernels).apply({"params": p}, jnp.asarray(x), valid=jnp.asarray(valid))
         return jops.cross_entropy(out.logits, jnp.asarray(y), jnp.asarray(valid)) + cfg.aux_loss_coef * out.aux_loss
 
-    jgrads = jm.state_dict_from_params(jax.grad(jloss)(params))
+    jgrads = jm.state_arrays(jax.grad(jloss)(params))
     tmodel.zero_grad()
     out = tmodel(torch.from_numpy(x).long(), valid=torch.from_numpy(valid))
     loss = tops.cross_entropy(out.logits, torch.from_numpy(y).long(), torch.from_numpy(valid))
@@ -193,11 +193,11 @@ def test_gradients_of_the_loss_for_every_parameter(option):
         assert max_diff(jgrads[name], g) / scale <= 1e-5, name
 
 
-def test_gradients_through_attention_dropout_gqa_and_empty_rows(monkeypatch):
-    """jaxgpt's attention has a hand-written backward (jaxgpt.ops._attention_bwd):
-    with the same injected dropout masks, grouped-query heads and a fully
-    padded sequence (rows with no visible key), its gradients are torch
-    autograd's."""
+def test_gradients_through_attention_dropout_gqa_and_empty_rows(monkeypatch, kernels):
+    """jaxgpt's CPU attention has a hand-written backward
+    (jaxgpt.cpu_kernels._attention_bwd): with the same injected dropout masks,
+    grouped-query heads and a fully padded sequence (rows with no visible
+    key), its gradients, and the reference path's, are torch autograd's."""
     cfg = DEBUG.replace(position="rope", n_kv_heads=DEBUG.n_heads // 2, attn_dropout=0.25, qkv_bias=True)
     tmodel, params = twins(cfg)
     tokens = tokens_for(cfg, batch=3, length=17)
@@ -215,11 +215,11 @@ def test_gradients_through_attention_dropout_gqa_and_empty_rows(monkeypatch):
     monkeypatch.setattr(jops, "dropout_keep_mask", lambda rng, rate, shape: jnp.asarray(keep(rate, shape)))
 
     def jloss(p):
-        out = jm.GPT(cfg).apply({"params": p}, jnp.asarray(x), valid=jnp.asarray(valid), deterministic=False,
-                                rngs={"dropout": jax.random.PRNGKey(0)})
+        out = jm.GPT(cfg, kernels=kernels).apply({"params": p}, jnp.asarray(x), valid=jnp.asarray(valid),
+                                                 deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
         return jops.cross_entropy(out.logits, jnp.asarray(y), jnp.asarray(valid))
 
-    jgrads = jm.state_dict_from_params(jax.grad(jloss)(params))
+    jgrads = jm.state_arrays(jax.grad(jloss)(params))
     assert len(masks) == cfg.n_layers
     replay = iter(range(cfg.n_layers))
     monkeypatch.setattr(tops, "dropout_keep_mask", lambda rate, shape, device: torch.from_numpy(masks[next(replay)].reshape(shape)))
@@ -239,7 +239,7 @@ def test_gradients_through_attention_dropout_gqa_and_empty_rows(monkeypatch):
 # -- padding -----------------------------------------------------------------
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_padded_positions_never_change_logits_at_valid_positions(position):
+def test_padded_positions_never_change_logits_at_valid_positions(position, kernels):
     cfg = DEBUG.replace(position=position)
     tmodel, params = twins(cfg)
     tokens = tokens_for(cfg, length=12)
@@ -250,14 +250,14 @@ def test_padded_positions_never_change_logits_at_valid_positions(position):
     other = tokens.copy()
     other[~valid] = (other[~valid] + 7) % cfg.vocab_size  # change only the padding
     kw = dict(positions=positions, valid=valid)
-    for forward in (lambda t: jax_forward(cfg, params, t, **kw).logits,
+    for forward in (lambda t: jax_forward(cfg, params, t, kernels, **kw).logits,
                     lambda t: torch_forward(tmodel, t, **kw).logits):
         a, b = np.asarray(forward(tokens)), np.asarray(forward(other))
         assert max_diff(a[valid], b[valid]) == 0.0
         assert np.isfinite(a).all()
     # a left-padded row gives the logits of the same tokens unpadded
-    alone = jax_forward(cfg, params, tokens[1:, 3:]).logits
-    padded = jax_forward(cfg, params, tokens, **kw).logits
+    alone = jax_forward(cfg, params, tokens[1:, 3:], kernels).logits
+    padded = jax_forward(cfg, params, tokens, kernels, **kw).logits
     assert max_diff(padded[1, 3:], alone[0]) <= TOL
     assert max_diff(padded, torch_forward(tmodel, tokens, **kw).logits) <= TOL
 
@@ -277,3 +277,14 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
         jcache, tcache = jout.cache, tout.cache
         assert max_diff(jout.logits, full[:, lo:hi]) <= TOL
         assert max_diff(tout.logits, full[:, lo:hi]) <= TOL
+
+
+def test_position_registries_cover_the_config():
+    """Every position kind the config accepts is registered in both twins,
+    and every RoPE scaling in gptcore.rope (and nothing else)."""
+    import jaxgpt.positions as jpos
+    import torchgpt.positions as tpos
+    from gptcore import rope
+    from gptcore.config import POSITIONS, ROPE_SCALINGS
+    assert set(jpos.KINDS) == set(tpos.KINDS) == set(POSITIONS)
+    assert set(rope.SCALINGS) == set(ROPE_SCALINGS)

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from gptcore.config import ModelConfig
-from gptcore.train_config import TrainConfig, lr_at
 import jaxgpt.model as jm
 import jaxgpt.optim as jopt
 import jaxgpt.step as jt
 import torchgpt.model as tm
 import torchgpt.optim as topt
 import torchgpt.step as tt
+from gptcore.config import ModelConfig
+from gptcore.train_config import TrainConfig, lr_at
 from gptcore.weights import jax_to_torch
 
 CFG = ModelConfig(vocab_size=32, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -44,7 +44,7 @@ def batch_at(step: int, cfg: ModelConfig = CFG, tc: TrainConfig = TC):
 def twins(cfg: ModelConfig = CFG, seed: int = 0):
     torch.manual_seed(seed)
     tmodel = tm.GPT(cfg)
-    params = jm.params_from_state_dict(tm.state_arrays(tmodel), cfg)
+    params = jm.load_state_arrays(tm.state_arrays(tmodel), cfg)
     return tmodel, params
 
 
@@ -72,7 +72,7 @@ def runs():
         state, m = jt.train_step(state, (jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid)), jt.step_key(0, step))
         jax_metrics.append({k: float(v) for k, v in m.items()})
         torch_metrics.append(tt.train_step(tmodel, optimizer, tuple(map(torch.from_numpy, (x, y, valid))), step, TC))
-    return jax_metrics, torch_metrics, jm.state_dict_from_params(state.params), tm.state_arrays(tmodel)
+    return jax_metrics, torch_metrics, jm.state_arrays(state.params), tm.state_arrays(tmodel)
 
 
 def test_losses_agree_over_100_steps(runs):
@@ -157,7 +157,7 @@ def test_grad_accumulation_equals_one_big_batch():
         for step, b in enumerate(bs):
             state, m = jt.train_step(state, tuple(map(jnp.asarray, b)), jt.step_key(0, step))
             tt.train_step(tmodel, optimizer, tuple(map(torch.from_numpy, b)), step, tc)
-        results[name] = (jm.state_dict_from_params(state.params), tm.state_arrays(tmodel))
+        results[name] = (jm.state_arrays(state.params), tm.state_arrays(tmodel))
     assert rel_err(results["accum"][0], results["big"][0]) <= 1e-5
     assert rel_err(results["accum"][1], results["big"][1]) <= 1e-5
     assert rel_err(results["accum"][0], results["accum"][1]) <= RTOL

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TOL, jax_forward, max_diff, tokens_for, torch_forward, twins
 
 import gptcore.weights as weights
 import jaxgpt.model as jm
@@ -21,8 +22,7 @@ import jaxgpt.ops as jops
 import torchgpt.model as tm
 import torchgpt.ops as tops
 from gptcore.presets import load_model_config
-
-from conftest import TOL, jax_forward, max_diff, tokens_for, torch_forward, twins
+from gptcore.transforms import IDENTITY
 
 DEBUG = load_model_config("debug")
 
@@ -80,8 +80,8 @@ def test_untransposed_linear_weights_are_caught(monkeypatch):
     cfg = DEBUG.replace(qkv_fused=False, n_kv_heads=4, d_ff=DEBUG.d_model, mlp="relu", tie_embeddings=True)
     tmodel, _ = twins(cfg)
     state = tm.state_arrays(tmodel)
-    monkeypatch.setitem(weights.LEAF_RULES, "kernel", ("weight", weights._identity, weights._identity))
-    params = jm.params_from_state_dict(state, cfg)  # all kernels square: loads without complaint
+    monkeypatch.setitem(weights.LEAF_RULES, "kernel", ("weight", IDENTITY))
+    params = jm.load_state_arrays(state, cfg)  # all kernels square: loads without complaint
     tokens = tokens_for(cfg)
     assert max_diff(jax_forward(cfg, params, tokens).logits, torch_forward(tmodel, tokens).logits) > TOL
 
@@ -97,7 +97,7 @@ def test_per_head_interleaved_qkv_order_is_caught():
     w = state[key].reshape(3, H, D, -1)  # (qkv, H, D, C)
     state[key] = np.ascontiguousarray(w.transpose(1, 0, 2, 3).reshape(3 * H * D, -1))
     tokens = tokens_for(cfg)
-    wrong = jm.params_from_state_dict(state, cfg)
+    wrong = jm.load_state_arrays(state, cfg)
     assert max_diff(jax_forward(cfg, wrong, tokens).logits, torch_forward(tmodel, tokens).logits) > TOL
 
 
@@ -117,15 +117,17 @@ def test_higher_index_first_on_router_ties_is_caught(monkeypatch):
 
 
 def test_fully_masked_rows_with_minus_inf_are_caught(monkeypatch):
-    """A twin that masks with -inf turns an all-padding row into NaN."""
+    """A twin that masks with -inf turns an all-padding row into NaN; the
+    padded-batch comparison the suite makes fails on it (NaN is never <= TOL)."""
     cfg = DEBUG
     valid = np.ones((2, 16), bool)
     valid[1, :] = False  # a fully padded sequence
-    assert np.isfinite(np.asarray(jax_forward(cfg, twins(cfg)[1], tokens_for(cfg), valid=valid).logits)).all()
+    tmodel, params = twins(cfg)
+    reference = jax_forward(cfg, params, tokens_for(cfg), valid=valid).logits
+    assert max_diff(reference, torch_forward(tmodel, tokens_for(cfg), valid=valid).logits) <= TOL
     monkeypatch.setattr(tops, "masked_softmax",
                         lambda s, m: s.float().masked_fill(~m, float("-inf")).softmax(-1))
-    out = torch_forward(twins(cfg)[0], tokens_for(cfg), valid=valid).logits
-    assert torch.isnan(out[1]).all()
+    assert not max_diff(reference, torch_forward(tmodel, tokens_for(cfg), valid=valid).logits) <= TOL
 
 
 def test_dropout_with_the_same_injected_masks_agrees_and_other_masks_do_not(monkeypatch):
@@ -156,16 +158,3 @@ def test_dropout_with_the_same_injected_masks_agrees_and_other_masks_do_not(monk
     assert run(0, 0) <= TOL
     assert run(0, 1) > TOL
     assert jax_vs_torch(cfg) <= TOL  # eval mode: no dropout in either twin
-
-
-def test_strict_tier_runs_at_the_highest_matmul_precision():
-    """TF32 / bf16-pass matmuls would not meet the strict tolerance: the
-    suite pins the highest precision in both frameworks; a bf16 compute pass
-    (what a lowered precision amounts to) is outside the strict tier."""
-    assert jax.config.jax_default_matmul_precision == "highest"
-    assert torch.get_float32_matmul_precision() == "highest"
-    cfg = DEBUG
-    tmodel, params = twins(cfg)
-    tokens = tokens_for(cfg)
-    low = jm.GPT(cfg, dtype=jnp.bfloat16).apply({"params": params}, jnp.asarray(tokens)).logits
-    assert max_diff(low, torch_forward(tmodel, tokens).logits) > TOL

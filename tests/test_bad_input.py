@@ -15,21 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, tiny_preset
 
-from gptcore.config import ConfigError, ModelConfig
-from gptcore.data import DataError, RandomWindows
-from gptcore.tokenizer import Tokenizer, TokenizerError
-from gptcore.weights import WeightsError
 import jaxgpt.convert as convert
 import jaxgpt.generate as jgen
 import jaxgpt.train as jtrain
 import torchgpt.generate as tgen
 import torchgpt.model as tm
 import torchgpt.train as ttrain
+from gptcore.config import ConfigError, ModelConfig
+from gptcore.data import DataError, RandomWindows
+from gptcore.tokenizer import Tokenizer, TokenizerError
+from gptcore.weights import WeightsError
 from jaxgpt.checkpoint import CheckpointError, load_model, save_model
-from jaxgpt.model import params_from_state_dict
-
-from helpers import REPO, tiny_preset
+from jaxgpt.model import load_state_arrays
 
 TINY_MODEL = dict(context_length=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
 TINY_TRAIN = dict(batch_size=4, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1, log_interval=2,
@@ -284,7 +283,7 @@ API_CASES = {
     "tokenizer_unknown_char": (TokenizerError, lambda u: Tokenizer.load(u.model / "tokenizer.json").encode("☃"),
                                "U+2603"),
     "state_dict_shape_mismatch": (
-        WeightsError, lambda u: params_from_state_dict(
+        WeightsError, lambda u: load_state_arrays(
             {k: np.zeros((1, 1), np.float32) for k in convert.read_pt(u.pt).tensors}, TINY), "shape"),
     "windows_longer_than_tokens": (DataError, lambda u: RandomWindows(np.arange(10), 16, 4, 0), "needs 17"),
     "generate_past_the_context": (

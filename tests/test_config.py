@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 
 from gptcore.config import ConfigError, ModelConfig
-from gptcore.presets import load_config, load_model_config, parse_override, preset_names
+from gptcore.presets import CONFIG_DIR, load_config, load_model_config, parse_override, preset_names
 
 
 def test_derived_fields():
@@ -47,8 +49,11 @@ def test_every_preset_loads():
     for required in ("debug", "seed000_shijing", "seed000_poems", "seed001_mini", "seed002_moe",
                      "seed003_gpt", "gpt2", "llama", "mixtral"):
         assert required in names
-    for name in names:
-        assert isinstance(load_model_config(name), ModelConfig)
+    for name in names:  # each explicit [model] key is in the config as written, and the config round-trips
+        cfg = load_model_config(name)
+        written = tomllib.loads((CONFIG_DIR / f"{name}.toml").read_text()).get("model", {})
+        assert {k: getattr(cfg, k) for k in written} == written, name
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg, name
 
 
 def test_seed_presets_are_the_texts_models():

@@ -17,13 +17,13 @@ import safetensors.torch
 import torch
 import transformers
 
+import torchgpt.model as tm
 from gptcore.config import ModelConfig
 from gptcore.formats import FormatError, safetensors_io, torch_pt
-from gptcore.formats.keymap import (FUSE_QKV, SPLIT_QKV, STACK_EXPERTS, STACK_GATE_UP, TRANSPOSE, chain)
+from gptcore.formats.keymap import FUSE_QKV, SPLIT_QKV, STACK_EXPERTS, STACK_GATE_UP, TRANSPOSE, chain
 from gptcore.formats.state import state_shapes
 from gptcore.presets import load_model_config, preset_names
 from jaxgpt.convert import convert, main
-import torchgpt.model as tm
 
 REPO = Path(__file__).resolve().parents[1]
 transformers.logging.set_verbosity_error()
@@ -172,14 +172,15 @@ def test_mixtral_fused_expert_layout_imports(tmp_path):
 
 
 def test_tokenizer_travels_with_hf_directories(tmp_path):
-    from jaxgpt.checkpoint import save_model
-    from jaxgpt.model import params_from_state_dict
     from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxgpt.checkpoint import save_model
+    from jaxgpt.model import load_state_arrays
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     cfg = tiny(load_model_config("llama"))
-    save_model(tmp_path / "jax", params_from_state_dict(random_state(cfg), cfg), cfg, tmp_path / "tokenizer.json")
+    save_model(tmp_path / "jax", load_state_arrays(random_state(cfg), cfg), cfg, tmp_path / "tokenizer.json")
     convert(tmp_path / "jax", tmp_path / "hf", dst_format="hf")
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("a b a")["input_ids"] == [1, 2, 1]

@@ -12,10 +12,24 @@ import pytest
 import tokenizers
 
 from gptcore import corpus
-from gptcore.corpus import (corpus_from_spec, download_gutenberg, download_tiny_shakespeare, read_corpus,
-                            shakespeare_corpus, strip_gutenberg)
-from gptcore.data import (IGNORE_INDEX, DataError, RandomWindows, SlidingWindows, eval_batches, load_tokens,
-                          pad_batch, prepare_tokens)
+from gptcore.corpus import (
+    corpus_from_spec,
+    download_gutenberg,
+    download_tiny_shakespeare,
+    read_corpus,
+    shakespeare_corpus,
+    strip_gutenberg,
+)
+from gptcore.data import (
+    IGNORE_INDEX,
+    DataError,
+    RandomWindows,
+    SlidingWindows,
+    eval_batches,
+    load_tokens,
+    pad_batch,
+    prepare_tokens,
+)
 from gptcore.tokenizer import Tokenizer, TokenizerError
 
 TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

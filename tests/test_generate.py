@@ -10,12 +10,12 @@ import sys
 import jax
 import pytest
 
-from gptcore.config import ModelConfig
-from gptcore.tokenizer import Tokenizer
 import jaxgpt.checkpoint as jckpt
 import jaxgpt.generate as jg
 import jaxgpt.model as jm
 import torchgpt.generate as tg
+from gptcore.config import ModelConfig
+from gptcore.tokenizer import Tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 

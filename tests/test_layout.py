@@ -9,7 +9,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 PACKAGES = ("gptcore", "jaxgpt", "torchgpt")
@@ -39,7 +38,8 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
         else:
             continue

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import REPO, SHAKESPEARE
 
 # Three steps of a tiny model with grad accumulation and clipping, on each
@@ -94,6 +93,7 @@ def test_pmap_and_mesh_equal_single_device(reference, tmp_path):
 
 def test_fsdp_shards_the_largest_divisible_axis():
     from jax.sharding import PartitionSpec as P
+
     from jaxgpt.runners import fsdp_spec
     assert fsdp_spec((64, 128), 4) == P(None, "fsdp")
     assert fsdp_spec((128, 64), 4) == P("fsdp", None)

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxgpt.step as js
 from gptcore.config import ConfigError
 from gptcore.presets import load_model_config
 from gptcore.train_config import TrainConfig
-import jaxgpt.step as js
 from jaxgpt import train
 from jaxgpt.checkpoint import load_model
 from jaxgpt.model import GPT, init_params, stack_layers, unstack_layers

@@ -30,15 +30,14 @@ import jax
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, tiny_preset
 
-from gptcore import training
 import jaxgpt.step as jstep
-from jaxgpt import train
-from jaxgpt.checkpoint import load_model
 import torchgpt.step as tstep
 import torchgpt.train as ttrain
-
-from helpers import REPO, tiny_preset
+from gptcore import training
+from jaxgpt import train
+from jaxgpt.checkpoint import load_model
 
 STEPS = 40  # train.max_steps of the preset
 

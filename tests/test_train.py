@@ -17,18 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO, tiny_preset
 
+import jaxgpt.step as js
 from gptcore import training
 from gptcore.config import ModelConfig
+from gptcore.run import resolve
 from gptcore.tokenizer import Tokenizer
 from gptcore.train_config import TrainConfig
-import jaxgpt.step as js
-from gptcore.run import resolve
 from jaxgpt import train
 from jaxgpt.checkpoint import load_model
 from jaxgpt.model import GPT, init_params
-
-from helpers import REPO, tiny_preset
 
 TINY_MODEL = dict(context_length=32, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 TINY_TRAIN = dict(batch_size=8, max_steps=20, warmup_steps=5, eval_interval=10, eval_batches=2, log_interval=5,

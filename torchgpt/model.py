@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from gptcore.config import ModelConfig
 from torchgpt import ops
+from torchgpt.positions import KINDS
 
 Cache = dict[str, torch.Tensor]
 
@@ -47,12 +48,21 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, 
     }
 
 
-def Norm(cfg: ModelConfig) -> nn.Module:
-    """LayerNorm or RMSNorm with the config's eps (torch's defaults differ:
-    LayerNorm 1e-5, RMSNorm the dtype's machine epsilon)."""
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.norm_bias)
-    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm with the config's eps (torch's module defaults
+    differ: LayerNorm 1e-5, RMSNorm the dtype's machine epsilon). Parameters
+    weight and bias, as nn.LayerNorm names them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        layernorm_bias = cfg.norm == "layernorm" and cfg.norm_bias
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if layernorm_bias else None
+
+    def forward(self, x):  # (..., C) -> (..., C)
+        c = self.cfg
+        return ops.norm(x, self.weight, self.bias, c.norm_eps, center=c.norm == "layernorm")
 
 
 class Attention(nn.Module):
@@ -85,9 +95,7 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D)  # (B, T, H, D)
         k = k.view(B, T, K, D)  # (B, T, K, D)
         v = v.view(B, T, K, D)  # (B, T, K, D)
-        if c.position == "rope":
-            q = ops.apply_rope(q, positions, c.rope_base)
-            k = ops.apply_rope(k, positions, c.rope_base)
+        q, k = KINDS[c.position].rotate(c, q, k, positions)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D): head-major, as cached
         if layer_cache is not None:  # write the new keys at slots [end, end + T)
             layer_cache[0][:, :, cache_end:cache_end + T] = k
@@ -203,8 +211,7 @@ class GPT(nn.Module):
         super().__init__()
         c = self.cfg = cfg
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
-        if c.position == "learned":
-            self.pos_emb = nn.Embedding(c.context_length, c.d_model)
+        self.pos_emb = KINDS[c.position](c)  # parameters only when learned
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         if c.norm_placement == "pre":  # post-norm blocks already end in a norm
             self.norm_f = Norm(c)
@@ -238,17 +245,16 @@ class GPT(nn.Module):
         if cache is None:
             kv_positions, kv_valid, layer_caches = positions, valid, None
         else:
-            kv_positions, kv_valid = cache["positions"], cache["valid"]
-            kv_positions[:, offset:offset + T] = positions
-            kv_valid[:, offset:offset + T] = valid
+            # new positions / valid arrays (the caller's stay as they were); the k / v buffers are written
+            # in place, so a decode step copies no cache (the jax twin gets the same by donating them)
+            kv_positions = torch.cat([cache["positions"][:, :offset], positions.to(cache["positions"].dtype),
+                                      cache["positions"][:, offset + T:]], dim=1)
+            kv_valid = torch.cat([cache["valid"][:, :offset], valid, cache["valid"][:, offset + T:]], dim=1)
             layer_caches = list(zip(cache["k"], cache["v"]))  # per layer: (B, K, S, D) k and v
         mask = ops.attention_mask(positions, kv_positions, kv_valid)  # (B, T, S)
 
         x = self.tok_emb(tokens)  # (B, T, C)
-        if c.position == "learned":
-            x = x + self.pos_emb(positions)
-        elif c.position == "sinusoidal":
-            x = x + ops.sinusoidal_positions(positions, c.d_model)
+        x = self.pos_emb(x, positions)  # (B, T, C)
         x = ops.dropout(x, c.embd_dropout, self.training)
 
         aux = []
@@ -274,6 +280,7 @@ class GPT(nn.Module):
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameters of a model (jaxgpt's takes its params tree: each twin's weights holder)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -282,7 +289,9 @@ def state_arrays(model: nn.Module) -> dict:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def load_state_arrays(model: nn.Module, state) -> nn.Module:
-    """Load numpy arrays by state_dict key; strict, so missing or unexpected keys raise."""
+def load_state_arrays(state, cfg: ModelConfig) -> GPT:
+    """A model (eval mode) holding numpy arrays given by state_dict key;
+    strict, so missing or unexpected keys raise."""
+    model = GPT(cfg).eval()
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     return model

@@ -14,14 +14,14 @@ from gptcore.rope import rope_inv_freq
 
 # -- positions ---------------------------------------------------------------
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate (B, T, N, D) by the angles of (B, T) integer positions.
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq) -> torch.Tensor:
+    """Rotate (B, T, N, D) by the angles of (B, T) integer positions and
+    (D/2,) frequencies (gptcore.rope.rope_frequencies).
 
     Rotate-half layout (GPT-NeoX, HF Llama): dimension i pairs with i + D/2,
     x' = x * cos + rotate_half(x) * sin with rotate_half([a, b]) = [-b, a].
     """
-    inv_freq = torch.from_numpy(rope_inv_freq(x.shape[-1], base)).to(x.device)
-    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    angles = positions.float()[..., None] * torch.as_tensor(inv_freq, device=x.device)  # (B, T, D/2)
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # (B, T, 1, D)
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -67,6 +67,16 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=-1).masked_fill(~mask, 0.0)
 
 
+# -- normalization -----------------------------------------------------------
+
+def norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, eps: float, center: bool) -> torch.Tensor:
+    """LayerNorm (center=True) or RMSNorm (center=False) over the last axis,
+    torch's own kernels with an explicit eps."""
+    if center:
+        return F.layer_norm(x, x.shape[-1:], scale, bias, eps)
+    return F.rms_norm(x, x.shape[-1:], scale, eps)
+
+
 # -- attention ---------------------------------------------------------------
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -82,10 +92,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     S = k.shape[2]
     mask = mask[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
     scores = (q.reshape(B, K, G * T, D) @ k.transpose(-2, -1)) * D ** -0.5  # (B, K, G*T, S)
-    probs = masked_softmax(scores, mask)
-    if keep is not None:
-        probs = torch.where(keep.reshape(B, K, G * T, S), probs / (1.0 - rate), 0.0)
+    probs = dropped(masked_softmax(scores, mask), None if keep is None else keep.reshape(B, K, G * T, S), rate)
     return (probs.to(v.dtype) @ v).view(B, K, G, T, D)
+
+
+def dropped(probs: torch.Tensor, keep: torch.Tensor | None, rate: float) -> torch.Tensor:
+    """Attention dropout of the probabilities with a keep-mask (None: none)."""
+    return probs if keep is None else torch.where(keep, probs / (1.0 - rate), 0.0)
 
 
 # -- activations -------------------------------------------------------------
@@ -128,7 +141,9 @@ def dropout_keep_mask(rate: float, shape: tuple[int, ...], device) -> torch.Tens
 
 
 def dropout(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Inverted dropout; identity in eval mode or when rate is 0."""
+    """Inverted dropout; identity in eval mode or when rate is 0. The mask
+    comes from torch's global RNG, where jaxgpt's takes an explicit key (a
+    deliberate difference: the masks come from each framework's RNG)."""
     if not training or rate == 0.0:
         return x
     keep = dropout_keep_mask(rate, tuple(x.shape), x.device)

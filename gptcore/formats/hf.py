@@ -27,8 +27,19 @@ import numpy as np
 
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.formats import Checkpoint, FormatError, dtype_name, safetensors_io
-from gptcore.formats.keymap import (FUSE_QKV, QKV_BIASES, QKV_WEIGHTS, SPLIT_QKV, STACK_EXPERTS, STACK_GATE_UP,
-                                    TRANSPOSE, KeyMap, chain, from_foreign, to_foreign)
+from gptcore.formats.keymap import (
+    FUSE_QKV,
+    QKV_BIASES,
+    QKV_WEIGHTS,
+    SPLIT_QKV,
+    STACK_EXPERTS,
+    STACK_GATE_UP,
+    TRANSPOSE,
+    KeyMap,
+    chain,
+    from_foreign,
+    to_foreign,
+)
 
 ARCHS = ("gpt2", "llama", "mixtral")
 
@@ -163,8 +174,10 @@ def config_to_hf(cfg: ModelConfig, arch: str, dtype: str) -> dict:
     out = {**common, "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layers,
            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
            "hidden_act": "silu", "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps,
-           "rope_theta": c.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
+           "rope_theta": c.rope_base, "rope_parameters": {"rope_theta": c.rope_base, **_rope_scaling_to_hf(c)},
            "attention_dropout": c.attn_dropout}
+    if c.rope_scaling != "none":  # transformers 4 reads rope_scaling, 5 rope_parameters
+        out["rope_scaling"] = _rope_scaling_to_hf(c)
     if arch == "llama":
         _require(c, arch, [(not c.is_moe, "n_experts", "Llama has no mixture of experts (use mixtral)")])
         return {**out, "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
@@ -177,6 +190,23 @@ def config_to_hf(cfg: ModelConfig, arch: str, dtype: str) -> dict:
     ])
     return {**out, "num_local_experts": c.n_experts, "num_experts_per_tok": c.top_k,
             "router_aux_loss_coef": c.aux_loss_coef, "output_router_logits": False, "sliding_window": None}
+
+
+def _rope_scaling_to_hf(c: ModelConfig) -> dict:
+    if c.rope_scaling == "none":
+        return {"rope_type": "default"}
+    return {"rope_type": "llama3", "factor": c.rope_factor, "low_freq_factor": c.rope_low_freq_factor,
+            "high_freq_factor": c.rope_high_freq_factor, "original_max_position_embeddings": c.rope_original_context}
+
+
+def _rope_scaling_from_hf(rope: dict) -> dict:
+    """Our rope_scaling fields of HF's rope_parameters / rope_scaling."""
+    if rope.get("rope_type", rope.get("type", "default")) != "llama3":
+        return {}
+    return dict(rope_scaling="llama3", rope_factor=float(rope["factor"]),
+                rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                rope_original_context=int(rope["original_max_position_embeddings"]))
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -207,8 +237,8 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
                 init_std=float(hf.get("initializer_range", 0.02)))
         need("hidden_act", hf.get("hidden_act", "silu") == "silu", "SwiGLU with silu")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        need("rope_parameters", rope.get("rope_type", rope.get("type", "default")) == "default",
-             "plain RoPE, no scaling")
+        need("rope_parameters", isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default"))
+             in ("default", "llama3"), "plain RoPE or Llama 3's scaling")
         theta = rope.get("rope_theta") or hf.get("rope_theta") or (1e6 if arch == "mixtral" else 1e4)
         heads = hf["num_attention_heads"]
         common = dict(
@@ -218,7 +248,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
             position="rope", rope_base=float(theta), qkv_fused=False, mlp="swiglu", norm="rmsnorm",
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attn_dropout=float(hf.get("attention_dropout", 0.0)),
-            init_std=float(hf.get("initializer_range", 0.02)))
+            init_std=float(hf.get("initializer_range", 0.02)), **_rope_scaling_from_hf(rope))
         if arch == "llama":
             bias = bool(hf.get("attention_bias", False))
             return ModelConfig(**common, context_length=hf.get("max_position_embeddings", 2048),
@@ -233,6 +263,8 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         raise FormatError(f"{where}: config.json has no {e.args[0]!r}") from None
     except ConfigError as e:
         raise FormatError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type (rope factor "abc", ...)
+        raise FormatError(f"{where}: unreadable config.json ({e})") from None
 
 
 # -- directories -----------------------------------------------------------------

@@ -26,43 +26,14 @@ from __future__ import annotations
 
 import re
 from itertools import product
-from typing import Callable, Iterator, Mapping, NamedTuple
+from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 
 from gptcore.config import ModelConfig
 from gptcore.formats import FormatError
 from gptcore.formats.state import state_shapes
-
-
-class Transform(NamedTuple):
-    """A named tensor transform and its exact inverse; both take and return lists of arrays."""
-    name: str
-    forward: Callable[[list, ModelConfig], list]  # ours -> foreign
-    inverse: Callable[[list, ModelConfig], list]  # foreign -> ours
-
-
-def chain(*transforms: Transform) -> Transform:
-    """Apply `transforms` in order (ours -> foreign); the inverse runs them backwards."""
-    def forward(xs, cfg):
-        for t in transforms:
-            xs = t.forward(xs, cfg)
-        return xs
-
-    def inverse(xs, cfg):
-        for t in reversed(transforms):
-            xs = t.inverse(xs, cfg)
-        return xs
-
-    return Transform("+".join(t.name for t in transforms), forward, inverse)
-
-
-def invert(t: Transform, name: str) -> Transform:
-    return Transform(name, t.inverse, t.forward)
-
-
-def _transpose(xs, cfg):
-    return [np.swapaxes(x, -1, -2) for x in xs]
+from gptcore.transforms import IDENTITY, TRANSPOSE, Transform, chain, invert  # noqa: F401  (the tables' vocabulary)
 
 
 def _fuse_qkv(xs, cfg):  # q (H*D, ...), k (K*D, ...), v (K*D, ...) -> [q | k | v]
@@ -91,8 +62,6 @@ def _unstack_gate_up(xs, cfg):
     return [x[:F] for x in xs[0]] + [x[F:] for x in xs[0]]
 
 
-IDENTITY = Transform("identity", lambda xs, cfg: xs, lambda xs, cfg: xs)
-TRANSPOSE = Transform("transpose", _transpose, _transpose)  # torch Linear (out, in) <-> Conv1D (in, out)
 FUSE_QKV = Transform("fuse_qkv", _fuse_qkv, _split_qkv)  # our q, k, v -> one [q | k | v]
 SPLIT_QKV = invert(FUSE_QKV, "split_qkv")  # our [q | k | v] -> q, k, v
 STACK_EXPERTS = Transform("stack_experts", _stack, _unstack)  # our E experts -> (E, ...)

@@ -1,0 +1,232 @@
+"""Convert checkpoints between formats.
+
+    python -m jaxgpt.convert SRC DST [--from FORMAT] [--to FORMAT] [--arch ARCH] [--force]
+
+Formats (inferred from the paths unless given):
+    jaxgpt       a model directory of either twin (config.json + model.safetensors
+                 + tokenizer.json; jax's also holds params/), or a run directory
+    pt           a torchgpt file: torch.save({"config": {...}, "model": state_dict})
+    safetensors  our weight names; the config as JSON in the metadata ("config"),
+                 or a config.json beside the file
+    hf           a Hugging Face directory: GPT-2, Llama or Mixtral (--arch; by
+                 default Mixtral for MoE, GPT-2 for learned positions, else Llama)
+    nanogpt      a nanoGPT ckpt.pt (read only)
+
+SRC: a directory is jaxgpt or hf by its config.json; *.safetensors is
+safetensors; *.pt / *.pth / *.bin / *.ckpt is pt, or nanogpt when the file
+holds "model_args". DST: *.safetensors, *.pt / *.pth, else a jaxgpt
+directory; give --to hf (or --arch) for a Hugging Face directory.
+
+.pt files are read with torch.load(weights_only=True) (needs torch
+installed; torch is imported only then); nothing else imports a framework.
+DST is written under a temporary name and renamed at the end, so a failure
+leaves nothing behind; an existing DST is refused unless --force. Weights keep their dtype (bf16 stays bf16),
+except in jaxgpt directories, which hold the model's float32 parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gptcore.cli import Parser, guarded
+from gptcore.config import ConfigError, ModelConfig
+from gptcore.formats import Checkpoint, FormatError, hf, nanogpt, safetensors_io
+from gptcore.formats.state import InOrder, check_state
+from gptcore.model_dir import (
+    MODEL_WEIGHTS,
+    SAFETENSORS_FILE,
+    CheckpointError,
+    find_model_dir,
+    read_model_config,
+    tokenizer_path,
+    write_model_dir,
+)
+
+FORMATS = ("jaxgpt", "pt", "safetensors", "hf", "nanogpt")
+READ_ONLY = ("nanogpt",)
+_PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+# -- readers ---------------------------------------------------------------------
+
+def read_jaxgpt(path: Path) -> Checkpoint:
+    """A model directory (or a run directory's model/) by its model.safetensors,
+    which both twins write: no framework is needed to read it."""
+    try:
+        directory = find_model_dir(path, MODEL_WEIGHTS)
+        cfg = read_model_config(directory)
+    except CheckpointError as e:
+        raise FormatError(str(e)) from None
+    if not (directory / SAFETENSORS_FILE).is_file():
+        raise FormatError(f"{directory}: no {SAFETENSORS_FILE}")
+    tensors = safetensors_io.SafetensorsFile(directory / SAFETENSORS_FILE)
+    check_state({k: tensors.shape(k) for k in tensors}, cfg, str(directory))
+    return Checkpoint(cfg, InOrder(tensors, cfg), tokenizer_path(directory))
+
+
+def read_pt(path: Path) -> Checkpoint:
+    from gptcore.formats import torch_pt
+    obj = torch_pt.load(path)
+    if isinstance(obj, dict) and "model_args" in obj:
+        return nanogpt.read(obj, path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict) or not isinstance(obj.get("model"), dict):
+        raise FormatError(f"{path}: not a torchgpt checkpoint (expected a dict with 'config' and 'model')")
+    cfg = _config(obj["config"], path)
+    check_state({k: np.shape(v) for k, v in obj["model"].items()}, cfg, str(path))
+    return Checkpoint(cfg, InOrder(obj["model"], cfg))
+
+
+def read_nanogpt(path: Path) -> Checkpoint:
+    from gptcore.formats import torch_pt
+    return nanogpt.read(torch_pt.load(path), path)
+
+
+def read_safetensors(path: Path) -> Checkpoint:
+    tensors = safetensors_io.SafetensorsFile(path)
+    if "config" in tensors.metadata:
+        try:
+            meta = json.loads(tensors.metadata["config"])
+        except json.JSONDecodeError:
+            raise FormatError(f"{path}: the metadata's config is not JSON") from None
+    elif (path.parent / "config.json").is_file():
+        meta = json.loads((path.parent / "config.json").read_text())
+    else:
+        raise FormatError(f"{path}: no config in the metadata and no config.json beside it")
+    cfg = _config(meta.get("model", meta) if meta.get("format") == "jaxgpt" else meta, path)
+    check_state({k: tensors.shape(k) for k in tensors}, cfg, str(path))
+    return Checkpoint(cfg, InOrder(tensors, cfg))
+
+
+def _config(d: dict, where) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(d)
+    except (ConfigError, TypeError) as e:
+        raise FormatError(f"{where}: bad model config ({e})") from None
+
+
+# -- writers ---------------------------------------------------------------------
+
+def write_jaxgpt(path: Path, ckpt: Checkpoint, arch=None) -> None:
+    """A model directory both twins load: config.json, tokenizer.json and
+    model.safetensors in the model's float32 (jaxgpt.checkpoint.save_model
+    adds its orbax params/ when jax writes one)."""
+    def write_weights(tmp: Path) -> None:
+        tensors = ((k, np.asarray(v, np.float32)) for k, v in ckpt.tensors.items())
+        safetensors_io.write(tmp / SAFETENSORS_FILE, tensors, {"format": "pt"})
+    try:
+        write_model_dir(path, ckpt.cfg, ckpt.tokenizer, write_weights)
+    except CheckpointError as e:
+        raise FormatError(str(e)) from None
+
+
+def write_pt(path: Path, ckpt: Checkpoint, arch=None) -> None:
+    from gptcore.formats import torch_pt
+    torch_pt.save(path, {"config": ckpt.cfg.to_dict()}, ckpt.tensors.items())
+
+
+def write_safetensors(path: Path, ckpt: Checkpoint, arch=None) -> None:
+    meta = {"format": "pt", "config": json.dumps(ckpt.cfg.to_dict())}
+    safetensors_io.write(path, ckpt.tensors.items(), meta)
+
+
+def write_hf(path: Path, ckpt: Checkpoint, arch=None) -> None:
+    hf.write(path, ckpt, arch)
+
+
+READERS = {"jaxgpt": read_jaxgpt, "pt": read_pt, "safetensors": read_safetensors, "hf": hf.read,
+           "nanogpt": read_nanogpt}
+WRITERS = {"jaxgpt": write_jaxgpt, "pt": write_pt, "safetensors": write_safetensors, "hf": write_hf}
+
+
+# -- conversion --------------------------------------------------------------------
+
+def source_format(path: Path) -> str:
+    if path.is_dir():
+        if not (path / "config.json").exists() and (path / "model" / "config.json").is_file():
+            return "jaxgpt"  # a training run directory: load_model reads its model/
+        try:
+            meta = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise FormatError(f"{path}: a directory without a readable config.json") from None
+        if meta.get("format") == "jaxgpt":
+            return "jaxgpt"
+        if "model_type" in meta:
+            return "hf"
+        raise FormatError(f"{path}: config.json is neither jaxgpt's nor Hugging Face's (use --from)")
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix in _PT_SUFFIXES:
+        return "pt"
+    raise FormatError(f"{path}: cannot tell its format from the name (use --from)")
+
+
+def target_format(path: Path, arch: str | None) -> str:
+    if arch is not None:
+        return "hf"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix in (".pt", ".pth"):
+        return "pt"
+    return "jaxgpt"
+
+
+def convert(src: str | Path, dst: str | Path, src_format: str | None = None, dst_format: str | None = None,
+            arch: str | None = None, force: bool = False) -> Path:
+    """Read SRC, write DST under a temporary name, rename it into place."""
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    if not src.exists():
+        raise FormatError(f"{src} does not exist")
+    if dst.exists() and not force:
+        raise FormatError(f"{dst} already exists (use --force to replace it)")
+    if dst == src:
+        raise FormatError(f"{dst}: the destination is the source")
+    src_format = src_format or source_format(src)
+    dst_format = dst_format or target_format(dst, arch)
+    if dst_format in READ_ONLY:
+        raise FormatError(f"{dst_format} is a source format only")
+    if arch is not None and dst_format != "hf":
+        raise FormatError(f"--arch applies to --to hf only, not {dst_format}")
+    ckpt = READERS[src_format](src)
+    tmp = dst.with_name(f".{dst.name}.converting")
+    _remove(tmp)
+    try:
+        WRITERS[dst_format](tmp, ckpt, arch)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(dst)
+    tmp.rename(dst)
+    return dst
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="python -m jaxgpt.convert", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--from", dest="src_format", choices=FORMATS)
+    p.add_argument("--to", dest="dst_format", choices=[f for f in FORMATS if f not in READ_ONLY])
+    p.add_argument("--arch", choices=hf.ARCHS, help="Hugging Face architecture of an hf export")
+    p.add_argument("--force", action="store_true", help="replace an existing DST")
+    args = p.parse_args(argv)
+
+    def body():
+        print(f"wrote {convert(args.src, args.dst, args.src_format, args.dst_format, args.arch, args.force)}")
+    return guarded(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
