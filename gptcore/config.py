@@ -20,6 +20,7 @@ ROPE_SCALINGS = ("none", "llama3")  # gptcore.rope.SCALINGS
 MLPS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
+INITS = ("normal", "torch_default")
 
 
 class ConfigError(UserError):
@@ -60,6 +61,8 @@ class ModelConfig:
     # attention
     qkv_fused: bool = True  # one [q | k | v] projection, else q_proj, k_proj, v_proj
     qkv_bias: bool = False
+    attn_out_proj: bool = True  # False: the heads are concatenated with no output projection (seed 003's text;
+    # needs n_heads * head_dim == d_model)
     out_bias: bool = False  # attention output projection
 
     # mlp
@@ -70,6 +73,8 @@ class ModelConfig:
     shared_expert: bool = False  # DeepSeek-style expert applied to every token
     router_bias: bool = False
     aux_loss_coef: float = 0.0  # Switch / Mixtral load-balancing loss weight
+
+    ffn_residual: bool = True  # False: seed 003's block, x = ffn(norm2(x)) with no residual around the MLP
 
     # normalisation
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -85,8 +90,12 @@ class ModelConfig:
     embd_dropout: float = 0.0
     attn_dropout: float = 0.0
     resid_dropout: float = 0.0
+    mlp_dropout: float = 0.0  # on the MLP's hidden activations (seed 001's FeedForward), every expert's too
 
     # initialisation
+    init: Literal["normal", "torch_default"] = "normal"  # "normal": N(0, init_std), zero biases, the scaled
+    # residual init; "torch_default": PyTorch's nn.Linear (U(+-1/sqrt(fan_in)) weights and biases) and
+    # nn.Embedding (N(0, 1)) defaults, as models that never re-initialise get (seed 002)
     init_std: float = 0.02
     scaled_residual_init: bool = True  # out_proj / MLP down: init_std / sqrt(2 * n_layers)
 
@@ -151,7 +160,7 @@ def _default_derived(cfg: ModelConfig, name: str):
 
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _CHOICES = {"position": POSITIONS, "rope_scaling": ROPE_SCALINGS, "mlp": MLPS, "norm": NORMS,
-            "norm_placement": NORM_PLACEMENTS}
+            "norm_placement": NORM_PLACEMENTS, "init": INITS}
 
 
 def check_field_types(cfg, choices: dict[str, tuple[str, ...]]) -> None:
@@ -203,6 +212,8 @@ def _check_values(c: ModelConfig) -> None:
     else:
         require(not c.shared_expert, "shared_expert", "needs n_experts >= 2")
     require(c.aux_loss_coef >= 0.0, "aux_loss_coef", "must be >= 0")
-    for name in ("embd_dropout", "attn_dropout", "resid_dropout"):
+    require(c.attn_out_proj or c.q_dim == c.d_model, "attn_out_proj",
+            f"False needs n_heads * head_dim == d_model (got {c.q_dim} and {c.d_model})")
+    for name in ("embd_dropout", "attn_dropout", "resid_dropout", "mlp_dropout"):
         require(0.0 <= getattr(c, name) < 1.0, name, "must be in [0, 1)")
     require(c.init_std > 0.0, "init_std", "must be positive")

@@ -36,7 +36,7 @@ from gptcore.train_config import DataConfig, TrainConfig
 DEFAULT_PRESET = "default"
 CONFIG_FILE = "config.json"
 OUTPUTS = (CONFIG_FILE, "checkpoints", "model", "metrics.jsonl")  # a fresh run refuses a directory holding any
-DROPOUT_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout")
+DROPOUT_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "mlp_dropout")
 MODES = ("fresh", "resume", "finetune")
 
 

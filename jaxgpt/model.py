@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from gptcore.config import ModelConfig
-from gptcore.train_config import KERNELS
-from jaxgpt import cpu_kernels, ops
+from jaxgpt import ops
+from jaxgpt.layers import dense, embedding_init, kernel_ops
 from jaxgpt.positions import KINDS
 
 Cache = dict[str, jax.Array]
@@ -48,26 +48,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
         "valid": jnp.zeros((batch, max_len), bool),
         "end": jnp.zeros((), jnp.int32),
     }
-
-
-def kernel_ops(kernels: str):
-    """The module whose norm / attention / Dense the model computes with:
-    jaxgpt.ops, the reference (autodiff, the parallel text of torchgpt.ops),
-    or jaxgpt.cpu_kernels, the same functions made fast for XLA:CPU. "auto":
-    the CPU kernels when JAX runs on the CPU, else the reference."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    if kernels == "auto":
-        kernels = "cpu" if jax.default_backend() == "cpu" else "reference"
-    return cpu_kernels if kernels == "cpu" else ops
-
-
-def _dense(cfg: ModelConfig, features: int, bias: bool, name: str, std: float | None = None,
-           dtype=jnp.float32, kernels: str = "auto") -> nn.Dense:
-    dense = getattr(kernel_ops(kernels), "Dense", nn.Dense)
-    return dense(features, use_bias=bias, name=name, dtype=dtype,
-                 kernel_init=nn.initializers.normal(std or cfg.init_std),
-                 bias_init=nn.initializers.zeros)
 
 
 class Norm(nn.Module):
@@ -106,12 +86,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, D = c.n_heads, c.n_kv_heads, c.head_dim
         if c.qkv_fused:  # one projection, output laid out [q (H*D) | k (K*D) | v (K*D)]
-            qkv = self._dense(c.q_dim + 2 * c.kv_dim, c.qkv_bias, "qkv_proj")(x)
+            qkv = self.dense(c.d_model, c.q_dim + 2 * c.kv_dim, c.qkv_bias, "qkv_proj")(x)
             q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
         else:
-            q = self._dense(c.q_dim, c.qkv_bias, "q_proj")(x)
-            k = self._dense(c.kv_dim, c.qkv_bias, "k_proj")(x)
-            v = self._dense(c.kv_dim, c.qkv_bias, "v_proj")(x)
+            q = self.dense(c.d_model, c.q_dim, c.qkv_bias, "q_proj")(x)
+            k = self.dense(c.d_model, c.kv_dim, c.qkv_bias, "k_proj")(x)
+            v = self.dense(c.d_model, c.kv_dim, c.qkv_bias, "v_proj")(x)
         q = q.reshape(B, T, H, D)  # (B, T, H, D)
         k = k.reshape(B, T, K, D)  # (B, T, K, D)
         v = v.reshape(B, T, K, D)  # (B, T, K, D)
@@ -123,17 +103,19 @@ class Attention(nn.Module):
             layer_cache = (k, v)  # (B, K, S, D) each
 
         if self.attention_impl != "einsum":
-            out = self._fused(q, k, v, mask).reshape(B, T, H * D)  # (B, T, H*D)
-            out = self._dense(c.d_model, c.out_bias, "out_proj", c.residual_init_std)(out)
-            return out, layer_cache
+            return self._out_proj(self._fused(q, k, v, mask).reshape(B, T, H * D)), layer_cache  # (B, T, C)
 
         q = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, D)
         rng = self._rng(c.attn_dropout)
         keep = None if rng is None else ops.dropout_keep_mask(rng, c.attn_dropout, (B, K, H // K, T, k.shape[2]))
         out = kernel_ops(self.kernels).attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, keep, c.attn_dropout)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
-        out = self._dense(c.d_model, c.out_bias, "out_proj", c.residual_init_std)(out.astype(self.dtype))
-        return out, layer_cache  # (B, T, C)
+        return self._out_proj(out.astype(self.dtype)), layer_cache  # (B, T, C)
+
+    def _out_proj(self, out):  # (B, T, H*D) -> (B, T, C); attn_out_proj False: the concatenated heads (seed 003)
+        c = self.cfg
+        return self.dense(c.q_dim, c.d_model, c.out_bias, "out_proj", c.residual_init_std)(out) if c.attn_out_proj \
+            else out
 
     def _fused(self, q, k, v, mask):
         """jax.nn.dot_product_attention: implementation "xla" (XLA's own
@@ -151,25 +133,31 @@ class Attention(nn.Module):
     def _rng(self, rate):
         return None if self.deterministic or rate == 0.0 else self.make_rng("dropout")
 
-    def _dense(self, features, bias, name, std=None):
-        return _dense(self.cfg, features, bias, name, std, self.dtype, self.kernels)
+    def dense(self, fan_in, features, bias, name, std=None):
+        return dense(self.cfg, fan_in, features, bias, name, std, self.dtype, self.kernels)
 
 
 class MLP(nn.Module):
-    """relu / gelu / gelu_tanh: down(act(up(x))); swiglu: down(silu(gate(x)) * up(x))."""
+    """relu / gelu / gelu_tanh: down(act(up(x))); swiglu: down(silu(gate(x)) * up(x));
+    mlp_dropout on the hidden activations before down."""
     cfg: ModelConfig
     dtype: Any = jnp.float32
     kernels: str = "auto"
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):  # (..., C) -> (..., C)
         c = self.cfg
+
+        def linear(fan_in, features, name, std=None):
+            return dense(c, fan_in, features, c.mlp_bias, name, std, self.dtype, self.kernels)
+
         if c.mlp == "swiglu":
-            h = ops.activation("silu", _dense(c, c.d_ff, c.mlp_bias, "gate", None, self.dtype, self.kernels)(x))
-            h = h * _dense(c, c.d_ff, c.mlp_bias, "up", None, self.dtype, self.kernels)(x)
+            h = ops.activation("silu", linear(c.d_model, c.d_ff, "gate")(x)) * linear(c.d_model, c.d_ff, "up")(x)
         else:
-            h = ops.activation(c.mlp, _dense(c, c.d_ff, c.mlp_bias, "up", None, self.dtype, self.kernels)(x))
-        return _dense(c, c.d_model, c.mlp_bias, "down", c.residual_init_std, self.dtype, self.kernels)(h)
+            h = ops.activation(c.mlp, linear(c.d_model, c.d_ff, "up")(x))  # (..., F)
+        rng = None if self.deterministic or c.mlp_dropout == 0.0 else self.make_rng("dropout")
+        return linear(c.d_ff, c.d_model, "down", c.residual_init_std)(ops.dropout(h, c.mlp_dropout, rng))
 
 
 class MoE(nn.Module):
@@ -182,23 +170,23 @@ class MoE(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     kernels: str = "auto"
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, valid):  # (B, T, C), (B, T) -> (B, T, C), ()
         c = self.cfg
-        router = nn.Dense(c.n_experts, use_bias=c.router_bias, name="router", dtype=jnp.float32,
-                          kernel_init=nn.initializers.normal(c.init_std))
+        router = dense(c, c.d_model, c.n_experts, c.router_bias, "router", kernels="reference")  # float32
         logits = router(x.astype(jnp.float32))  # (B, T, E)
         weights, top_idx = ops.route(logits, c.top_k)  # (B, T, k) each
         choice = jax.nn.one_hot(top_idx, c.n_experts, dtype=jnp.float32)  # (B, T, k, E)
         combine = jnp.einsum("BTk,BTkE->BTE", weights, choice)  # (B, T, E)
 
-        experts = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
+        experts = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                           in_axes=None, out_axes=0, axis_size=c.n_experts)
-        expert_out = experts(c, self.dtype, self.kernels, name="experts")(x)  # (E, B, T, C)
+        expert_out = experts(c, self.dtype, self.kernels, self.deterministic, name="experts")(x)  # (E, B, T, C)
         out = jnp.einsum("BTE,EBTC->BTC", combine.astype(expert_out.dtype), expert_out)
         if c.shared_expert:
-            out = out + MLP(c, self.dtype, self.kernels, name="shared_expert")(x)
+            out = out + MLP(c, self.dtype, self.kernels, self.deterministic, name="shared_expert")(x)
         return out, load_balancing_loss(logits, choice, valid)
 
 
@@ -228,7 +216,7 @@ class Block(nn.Module):
         c = self.cfg
         norm1, norm2 = Norm(c, self.kernels, name="norm1"), Norm(c, self.kernels, name="norm2")
         attn = Attention(c, self.deterministic, self.dtype, self.attention_impl, self.kernels, name="attn")
-        mlp = (MoE if c.is_moe else MLP)(c, self.dtype, self.kernels, name="mlp")
+        mlp = (MoE if c.is_moe else MLP)(c, self.dtype, self.kernels, self.deterministic, name="mlp")
 
         def ffn(h):
             return mlp(h, valid) if c.is_moe else (mlp(h), jnp.zeros((), jnp.float32))
@@ -237,12 +225,12 @@ class Block(nn.Module):
             h, layer_cache = attn(norm1(x), positions, mask, layer_cache, cache_end)
             x = x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout))
             h, aux = ffn(norm2(x))
-            x = x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout))
+            x = (x if c.ffn_residual else 0.0) + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout))
         else:
             h, layer_cache = attn(x, positions, mask, layer_cache, cache_end)
             x = norm1(x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout)))
             h, aux = ffn(x)
-            x = norm2(x + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout)))
+            x = norm2((x if c.ffn_residual else 0.0) + ops.dropout(h, c.resid_dropout, self._rng(c.resid_dropout)))
         return x, (layer_cache, aux)
 
     def _rng(self, rate):
@@ -289,8 +277,7 @@ class GPT(nn.Module):
             layer_caches = list(zip(cache["k"], cache["v"]))  # per layer: (B, K, S, D) k and v
         mask = ops.attention_mask(positions, kv_positions, kv_valid)  # (B, T, S)
 
-        tok_emb = nn.Embed(c.vocab_size, c.d_model, name="tok_emb",
-                           embedding_init=nn.initializers.normal(c.init_std))
+        tok_emb = nn.Embed(c.vocab_size, c.d_model, name="tok_emb", embedding_init=embedding_init(c))
         x = tok_emb(tokens)  # (B, T, C)
         x = KINDS[c.position].embed(c, x, positions)  # (B, T, C)
         x = ops.dropout(x, c.embd_dropout, None if deterministic or c.embd_dropout == 0.0
@@ -324,7 +311,8 @@ class GPT(nn.Module):
             if c.lm_head_bias:
                 logits = logits + self.param("lm_head_bias", nn.initializers.zeros, (c.vocab_size,))
         else:
-            logits = _dense(c, c.vocab_size, c.lm_head_bias, "lm_head", kernels=self.kernels)(x.astype(jnp.float32))
+            logits = dense(c, c.d_model, c.vocab_size, c.lm_head_bias, "lm_head", kernels=self.kernels)(
+                x.astype(jnp.float32))
 
         new_cache = None
         if cache is not None:

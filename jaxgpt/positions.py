@@ -15,6 +15,7 @@ import jax
 from gptcore.config import ModelConfig
 from gptcore.rope import rope_frequencies
 from jaxgpt import ops
+from jaxgpt.layers import embedding_init
 
 KINDS: dict[str, type[Positions]] = {}
 
@@ -45,8 +46,7 @@ class Learned(Positions):
 
     @staticmethod
     def embed(cfg, x, positions):
-        table = nn.Embed(cfg.context_length, cfg.d_model, name="pos_emb",
-                         embedding_init=nn.initializers.normal(cfg.init_std))
+        table = nn.Embed(cfg.context_length, cfg.d_model, name="pos_emb", embedding_init=embedding_init(cfg))
         return x + table(positions)  # (B, T, C)
 
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import max_diff
 
 import jaxgpt.cpu_kernels as fast
+import jaxgpt.layers as layers
 import jaxgpt.model as jm
 import jaxgpt.ops as ref
 from gptcore.presets import load_model_config
@@ -86,8 +87,8 @@ def test_model_kernel_choice():
     cfg = load_model_config("debug")
     params = jm.init_params(cfg, 0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
-    assert jax.default_backend() == "cpu" and jm.kernel_ops("auto") is fast and jm.kernel_ops("reference") is ref
+    assert jax.default_backend() == "cpu" and layers.kernel_ops("auto") is fast and layers.kernel_ops("reference") is ref
     out = {k: jm.GPT(cfg, kernels=k).apply({"params": params}, tokens).logits for k in ("reference", "cpu")}
     assert max_diff(out["reference"], out["cpu"]) <= 1e-5
     with pytest.raises(ValueError, match="kernels must be one of"):
-        jm.kernel_ops("triton")
+        layers.kernel_ops("triton")

@@ -57,6 +57,9 @@ OPTIONS = {
     "tied": dict(tie_embeddings=True),
     "tied_with_bias": dict(tie_embeddings=True, lm_head_bias=True),
     "untied_with_bias": dict(tie_embeddings=False, lm_head_bias=True),
+    "no_attn_out_proj": dict(attn_out_proj=False),  # seed 003's concatenated heads
+    "no_ffn_residual": dict(ffn_residual=False),  # seed 003's block
+    "no_ffn_residual_post_norm": dict(ffn_residual=False, norm_placement="post"),
 }
 
 
@@ -160,8 +163,9 @@ def test_moe_layer_with_tied_router_columns_shared_expert_and_aux_loss():
 
 # -- gradients ---------------------------------------------------------------
 
-GRADIENT_OPTIONS = {  # DEBUG is pre-RMSNorm; jaxgpt.ops.norm has a hand-written backward
+GRADIENT_OPTIONS = {  # DEBUG is pre-RMSNorm; jaxgpt.cpu_kernels.norm has a hand-written backward
     "dense": {},
+    "seed003_block": {"attn_out_proj": False, "ffn_residual": False, "mlp": "gelu"},
     "moe": {"n_experts": 4, "top_k": 2, "shared_expert": True},
     "layernorm_post": {"norm": "layernorm", "norm_placement": "post", "mlp": "gelu"},
     "layernorm_no_bias": {"norm": "layernorm", "norm_bias": False},

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import jaxgpt.model as jm
+import jaxgpt.ops as jops
 import jaxgpt.optim as jopt
 import jaxgpt.step as jt
 import torchgpt.model as tm
+import torchgpt.ops as tops
 import torchgpt.optim as topt
 import torchgpt.step as tt
 from gptcore.config import ModelConfig
@@ -25,7 +27,7 @@ from gptcore.weights import jax_to_torch
 
 CFG = ModelConfig(vocab_size=32, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   position="learned", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True,
-                  tie_embeddings=False, lm_head_bias=True)
+                  tie_embeddings=False, lm_head_bias=True, mlp_dropout=0.2)  # the same masks in both: see runs
 TC = TrainConfig(batch_size=4, grad_accum=2, max_steps=100, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                  beta1=0.9, beta2=0.95, adam_eps=1e-8, weight_decay=0.1, grad_clip=0.3)
 RTOL = 1e-4
@@ -62,16 +64,28 @@ def max_abs_err(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def runs():
-    """100 steps of each trainer from the same weights on the same batches."""
+    """100 steps of each trainer from the same weights on the same batches,
+    with MLP dropout: each layer's keep-mask is injected into both twins (jax
+    traces the step once, so every step and micro-batch reuses the layer's
+    mask; torch replays them layer by layer)."""
     tmodel, params = twins()
-    state = jt.create_state(jm.GPT(CFG), params, TC)
-    optimizer = topt.make_optimizer(tmodel, TC)
-    jax_metrics, torch_metrics = [], []
-    for step in range(TC.max_steps):
-        x, y, valid = batch_at(step)
-        state, m = jt.train_step(state, (jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid)), jt.step_key(0, step))
-        jax_metrics.append({k: float(v) for k, v in m.items()})
-        torch_metrics.append(tt.train_step(tmodel, optimizer, tuple(map(torch.from_numpy, (x, y, valid))), step, TC))
+    masks = [np.random.default_rng(i).random((TC.batch_size, CFG.context_length, CFG.d_ff)) >= CFG.mlp_dropout
+             for i in range(CFG.n_layers)]
+    calls = iter(range(10 ** 9))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jops, "dropout_keep_mask", lambda rng, rate, shape: jnp.asarray(masks[next(calls) % 2]))
+        patch.setattr(tops, "dropout_keep_mask", lambda rate, shape, device: torch.from_numpy(masks[next(calls) % 2]))
+        step_fn = jax.jit(jt.step_fn, donate_argnums=0)  # traced here, with the masks
+        state = jt.create_state(jm.GPT(CFG), params, TC)
+        optimizer = topt.make_optimizer(tmodel, TC)
+        jax_metrics, torch_metrics = [], []
+        for step in range(TC.max_steps):
+            x, y, valid = batch_at(step)
+            state, m = step_fn(state, (jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid)), jt.step_key(0, step))
+            jax_metrics.append({k: float(v) for k, v in m.items()})
+            calls = iter(range(10 ** 9))  # torch: layer 0, layer 1 for each micro-batch
+            torch_metrics.append(tt.train_step(tmodel, optimizer, tuple(map(torch.from_numpy, (x, y, valid))), step,
+                                               TC))
     return jax_metrics, torch_metrics, jm.state_arrays(state.params), tm.state_arrays(tmodel)
 
 
@@ -150,9 +164,10 @@ def test_grad_accumulation_equals_one_big_batch():
     batches = [padded_batch(np.random.default_rng(s), 2, 4, CFG.context_length) for s in range(3)]
     merged = [tuple(a.reshape(1, 8, -1) for a in b) for b in batches]
     results = {}
+    cfg = CFG.replace(mlp_dropout=0.0)  # the two layouts draw different masks
     for name, tc, bs in (("accum", TC, batches), ("big", tc1, merged)):
-        tmodel, params = twins()
-        state = jt.create_state(jm.GPT(CFG), params, tc)
+        tmodel, params = twins(cfg)
+        state = jt.create_state(jm.GPT(cfg), params, tc)
         optimizer = topt.make_optimizer(tmodel, tc)
         for step, b in enumerate(bs):
             state, m = jt.train_step(state, tuple(map(jnp.asarray, b)), jt.step_key(0, step))

@@ -82,7 +82,8 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(c.d_model, c.q_dim, bias=c.qkv_bias)
             self.k_proj = nn.Linear(c.d_model, c.kv_dim, bias=c.qkv_bias)
             self.v_proj = nn.Linear(c.d_model, c.kv_dim, bias=c.qkv_bias)
-        self.out_proj = nn.Linear(c.q_dim, c.d_model, bias=c.out_bias)
+        if c.attn_out_proj:  # else the concatenated heads are the output (seed 003)
+            self.out_proj = nn.Linear(c.q_dim, c.d_model, bias=c.out_bias)
 
     def forward(self, x, positions, mask, layer_cache=None, cache_end=None):
         c = self.cfg
@@ -108,11 +109,12 @@ class Attention(nn.Module):
             keep = ops.dropout_keep_mask(c.attn_dropout, (B, K, H // K, T, k.shape[2]), x.device)
         out = ops.attention(q, k.to(q.dtype), v.to(q.dtype), mask, keep, c.attn_dropout)
         out = out.permute(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
-        return self.out_proj(out), layer_cache  # (B, T, C)
+        return (self.out_proj(out) if c.attn_out_proj else out), layer_cache  # (B, T, C)
 
 
 class MLP(nn.Module):
-    """relu / gelu / gelu_tanh: down(act(up(x))); swiglu: down(silu(gate(x)) * up(x))."""
+    """relu / gelu / gelu_tanh: down(act(up(x))); swiglu: down(silu(gate(x)) * up(x));
+    mlp_dropout on the hidden activations before down."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -127,8 +129,8 @@ class MLP(nn.Module):
         if c.mlp == "swiglu":
             h = ops.activation("silu", self.gate(x)) * self.up(x)
         else:
-            h = ops.activation(c.mlp, self.up(x))
-        return self.down(h)
+            h = ops.activation(c.mlp, self.up(x))  # (..., F)
+        return self.down(ops.dropout(h, c.mlp_dropout, self.training))
 
 
 class MoE(nn.Module):
@@ -195,12 +197,12 @@ class Block(nn.Module):
             h, layer_cache = self.attn(self.norm1(x), positions, mask, layer_cache, cache_end)
             x = x + ops.dropout(h, c.resid_dropout, self.training)
             h, aux = ffn(self.norm2(x))
-            x = x + ops.dropout(h, c.resid_dropout, self.training)
+            x = (x if c.ffn_residual else 0.0) + ops.dropout(h, c.resid_dropout, self.training)
         else:
             h, layer_cache = self.attn(x, positions, mask, layer_cache, cache_end)
             x = self.norm1(x + ops.dropout(h, c.resid_dropout, self.training))
             h, aux = ffn(x)
-            x = self.norm2(x + ops.dropout(h, c.resid_dropout, self.training))
+            x = self.norm2((x if c.ffn_residual else 0.0) + ops.dropout(h, c.resid_dropout, self.training))
         return x, (layer_cache, aux)
 
 
@@ -220,10 +222,11 @@ class GPT(nn.Module):
                 self.lm_head_bias = nn.Parameter(torch.zeros(c.vocab_size))
         else:
             self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # scaled residual init (seed 001, GPT-2)
-            if name.endswith(("out_proj.weight", "down.weight")):
-                nn.init.normal_(p, mean=0.0, std=c.residual_init_std)
+        if c.init == "normal":  # else torch's own defaults, as the modules were built with
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():  # scaled residual init (seed 001, GPT-2)
+                if name.endswith(("out_proj.weight", "down.weight")):
+                    nn.init.normal_(p, mean=0.0, std=c.residual_init_std)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

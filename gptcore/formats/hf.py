@@ -142,6 +142,10 @@ def config_to_hf(cfg: ModelConfig, arch: str, dtype: str) -> dict:
     common = {"architectures": [_CLASSES[arch]], "model_type": arch, "vocab_size": c.vocab_size,
               "initializer_range": c.init_std, "tie_word_embeddings": c.tie_embeddings, "dtype": dtype,
               "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    _require(c, arch, [
+        (c.attn_out_proj, "attn_out_proj", "its attention always has an output projection"),
+        (c.ffn_residual, "ffn_residual", "its blocks add the MLP's output to the residual stream"),
+    ])
     if arch == "gpt2":
         _require(c, arch, [
             (c.position == "learned", "position", "GPT-2 has learned positions"),

@@ -49,7 +49,8 @@ def state_shapes(cfg: ModelConfig) -> dict[str, tuple]:
             out |= _linear(f"{b}.attn.q_proj", c.q_dim, c.d_model, c.qkv_bias)
             out |= _linear(f"{b}.attn.k_proj", c.kv_dim, c.d_model, c.qkv_bias)
             out |= _linear(f"{b}.attn.v_proj", c.kv_dim, c.d_model, c.qkv_bias)
-        out |= _linear(f"{b}.attn.out_proj", c.d_model, c.q_dim, c.out_bias)
+        if c.attn_out_proj:
+            out |= _linear(f"{b}.attn.out_proj", c.d_model, c.q_dim, c.out_bias)
         if c.is_moe:
             out |= _linear(f"{b}.mlp.router", c.n_experts, c.d_model, c.router_bias)
             for e in range(c.n_experts):
