@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Callable
 
-from gptcore.errors import UserError
+from gptcore.errors import Stopped, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,10 +31,18 @@ def error_line(e: BaseException) -> str:
 
 def guarded(body: Callable[[], object]) -> int:
     """Run a command's body: 0 when it returns, 2 with one line on stderr
-    for bad input (UserError) or a file the system refused (OSError)."""
+    for bad input (UserError) or a file the system refused (OSError), the
+    stop's own status and line when a run was stopped by a signal, 130 for
+    a Ctrl-C anywhere else."""
     try:
         body()
     except (UserError, OSError) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -17,6 +17,15 @@ class UserError(ValueError):
     """Bad input, reported as one line; subclasses name the kind."""
 
 
+class Stopped(Exception):
+    """A run stopped on request (SIGINT / SIGTERM) after saving what it had:
+    one line, not an error, and `code` as the exit status (128 + signal)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write via a temporary sibling and a rename: a kill leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes never share one

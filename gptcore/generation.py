@@ -105,13 +105,14 @@ class TextStreamer:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description="Sample text from a model directory, streamed to stdout.")
+    p = Parser(prog=prog, description="Sample text from a model directory, streamed to stdout.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model directory (config.json, weights, tokenizer.json)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help='prompt text; "-" reads it from stdin (default: empty)')
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after another")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")

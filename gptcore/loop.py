@@ -10,16 +10,26 @@ engine owns the model, the optimizer state, the devices and the checkpoint
 format. Several processes (jax.distributed) all run the loop and every engine
 call, in the same order; only the lead process (`engine.lead`) writes the
 run's files other than checkpoints, prints and draws the progress bar.
+
+SIGINT (Ctrl-C) and SIGTERM stop a single-process run after the step in
+progress: a checkpoint of that step, one line saying how to resume, exit
+status 128 + the signal. A second signal stops at once (KeyboardInterrupt);
+checkpoints are written atomically, so the previous ones stay intact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from gptcore import training
+from gptcore.errors import Stopped
 from gptcore.run import Run
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
 
@@ -29,6 +39,7 @@ class Engine(Protocol):
     or the fine-tune source's weights) and its optimizer, ready to step."""
 
     lead: bool  # this process writes the run's files
+    processes: int  # processes running the loop together (jax.distributed), 1 otherwise
 
     def describe(self) -> str:
         """The devices it trains on, one line."""
@@ -93,27 +104,33 @@ def train(run: Run, engine: Engine) -> dict:
     bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, disable=not lead,
                dynamic_ncols=True, file=sys.stderr)
     t0, last_logged, done = time.perf_counter(), start, start
-    for step in bar if not stopper.should_stop else ():
-        handle = engine.step(step, batches.batch(step))
-        done = step + 1
-        if done % tc.log_interval == 0 or done == tc.max_steps:
-            m = engine.metrics(handle)
-            m["tok_per_s"] = (done - last_logged) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-            t0, last_logged = time.perf_counter(), done
-            log.write({"step": done, **m})
-            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tok_per_s']:.0f}")
-            training.check_finite(m, done)
-        if done % tc.eval_interval == 0 or done == tc.max_steps:
-            last_val = engine.evaluate(evals)
-            improved = stopper.update(last_val, done)
-            log.write({"step": done, "val_loss": last_val, "best_val_loss": stopper.best})
-            lead and bar.write(f"step {done}: val loss {last_val:.4f} (best {stopper.best:.4f} at step "
-                               f"{stopper.best_step})")
-            training.check_finite({**engine.metrics(handle), "val_loss": last_val}, done)  # never save NaN params
-            engine.save(done, {"early_stopping": stopper.state(), "val_loss": last_val}, last_val, improved)
-            if stopper.should_stop:
-                lead and bar.write(f"early stopping: no improvement > {tc.min_delta} in {tc.patience} evaluations")
-                break
+    with stop_signals(enabled=engine.processes == 1) as stop:
+        for step in bar if not stopper.should_stop else ():
+            handle = engine.step(step, batches.batch(step))
+            done = step + 1
+            if done % tc.log_interval == 0 or done == tc.max_steps:
+                m = engine.metrics(handle)
+                m["tok_per_s"] = (done - last_logged) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                t0, last_logged = time.perf_counter(), done
+                log.write({"step": done, **m})
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tok_per_s']:.0f}")
+                training.check_finite(m, done)
+            if done % tc.eval_interval == 0 or done == tc.max_steps:
+                last_val = engine.evaluate(evals)
+                improved = stopper.update(last_val, done)
+                log.write({"step": done, "val_loss": last_val, "best_val_loss": stopper.best})
+                lead and bar.write(f"step {done}: val loss {last_val:.4f} (best {stopper.best:.4f} at step "
+                                   f"{stopper.best_step})")
+                training.check_finite({**engine.metrics(handle), "val_loss": last_val}, done)  # no NaN params saved
+                engine.save(done, {"early_stopping": stopper.state(), "val_loss": last_val}, last_val, improved)
+                if stopper.should_stop:
+                    lead and bar.write(f"early stopping: no improvement > {tc.min_delta} in {tc.patience} "
+                                       f"evaluations")
+                    break
+            if stop:
+                bar.close()
+                stop_after(run, engine, handle, done, {"early_stopping": stopper.state(), "val_loss": last_val},
+                           stop[0])
     bar.close()
 
     engine.load_best(stopper.best_step, done)
@@ -130,6 +147,19 @@ def train(run: Run, engine: Engine) -> dict:
             "best_step": stopper.best_step, "stopped_early": stopper.should_stop}
 
 
+def stop_after(run: Run, engine: Engine, handle, done: int, loop_state: dict, signum: int):
+    """The end of a run stopped by a signal after step `done`: its checkpoint
+    (unless that step's evaluation just wrote one; inf as its val loss, so it
+    never counts as the best), then Stopped with the way to resume."""
+    tc = run.train
+    if done % tc.eval_interval and done != tc.max_steps:
+        training.check_finite(engine.metrics(handle), done)
+        engine.save(done, loop_state, math.inf, False)
+    engine.close()
+    raise Stopped(f"stopped by {signal.Signals(signum).name} after step {done}, checkpoint saved; continue with: "
+                  f"--resume train.out_dir={run.out_dir}", 128 + signum)
+
+
 def write_sample(run: Run, engine: Engine, path: Path) -> str:
     """train.sample_tokens tokens after a newline (nanoGPT's start) into path."""
     tok, tc = run.tokenizer, run.train
@@ -138,3 +168,27 @@ def write_sample(run: Run, engine: Engine, path: Path) -> str:
     text = tok.decode(prompt + engine.sample(prompt, tc.sample_tokens, tc.sample_temperature, tc.seed))
     path.write_text(text, encoding="utf-8")
     return text
+
+
+@contextlib.contextmanager
+def stop_signals(enabled: bool = True):
+    """While training: SIGINT and SIGTERM append their number to the yielded
+    list (the loop checks it after each step); a second one raises
+    KeyboardInterrupt at once. Nothing is installed when not enabled (several
+    processes must agree on the step they stop at) or outside the main thread."""
+    requested: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -10,6 +10,7 @@ a bare word is read as a string).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tomllib
 from pathlib import Path
 
@@ -24,6 +25,36 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data":
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def preset_summary(name: str) -> str:
+    """The first clause of a preset's opening comment (up to the first ": "
+    or ". " outside parentheses)."""
+    lines = (CONFIG_DIR / f"{name}.toml").read_text(encoding="utf-8").splitlines()
+    text = " ".join(line.lstrip("# ") for line in itertools.takewhile(lambda x: x.startswith("#"), lines))
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0 and ch in ".:" and text[i + 1:i + 2] in (" ", ""):
+            text = text[:i]
+            break
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def to_toml(tables: dict[str, dict]) -> str:
+    """Config sections as a TOML preset (None values left out: they are the defaults)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+    lines = []
+    for section, table in tables.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def resolve_preset(name_or_path: str | Path) -> Path:

@@ -28,7 +28,7 @@ from gptcore.config import ConfigError, ModelConfig
 from gptcore.corpus import corpus_from_spec
 from gptcore.errors import UserError
 from gptcore.model_dir import MODEL_WEIGHTS, CheckpointError, find_model_dir, read_model_config, tokenizer_path
-from gptcore.presets import apply_override, build_section, load_sections
+from gptcore.presets import apply_override, build_section, load_sections, preset_names, preset_summary, to_toml
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
 from gptcore.tokenizer import Tokenizer
 from gptcore.train_config import DataConfig, TrainConfig
@@ -63,10 +63,16 @@ class Run:
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     """The command line both trainers take."""
-    parser = Parser(prog=prog, description="Train a GPT. With no arguments: the seed001_mini model on the "
-                                           "offline Shakespeare corpus (configs/default.toml).")
+    presets = "\n".join(f"  {name:<26} {preset_summary(name)}" for name in preset_names())
+    parser = Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    description="Train a GPT. With no arguments: the seed001_mini model on the offline "
+                                "Shakespeare corpus (configs/default.toml).",
+                    epilog=f"presets (--config NAME, or a TOML file of your own):\n{presets}\n\n"
+                           f"Every key and its value for a run: {prog} --config NAME [overrides] --print-config")
     parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or TOML file (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the run's whole config (every section, defaults included) as TOML and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. model.n_layers=2 train.lr=3e-4")
     parser.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port")
@@ -75,14 +81,16 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def resolve(preset: str | None, overrides: list[str], resume: bool = False) -> Run:
+def resolve(preset: str | None, overrides: list[str], resume: bool = False, check_out: bool = True) -> Run:
     """The run a command line asks for (see the module docstring); one-line
-    UserErrors for anything that cannot work, before any file is written."""
+    UserErrors for anything that cannot work, before any file is written.
+    check_out=False skips the output directory's checks (--print-config)."""
     tables, source = _tables(preset, overrides, resume)
     train = build_section("train", tables.get("train", {}), source)
     data = build_section("data", tables.get("data", {}), source)
     out_dir = Path(train.out_dir).expanduser()
-    check_out_dir(out_dir, resume)
+    if check_out:
+        check_out_dir(out_dir, resume)
     text = corpus_from_spec(data.corpus, Path(data.cache_dir).expanduser())
     if resume:
         tokenizer = Tokenizer.load(out_dir / TOKENIZER_FILE)
@@ -154,3 +162,9 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     if existing:
         raise RunError(f"{out_dir} already holds a run ({', '.join(existing)}): pass --resume to continue it "
                        f"or choose another train.out_dir")
+
+
+def print_config(args: argparse.Namespace) -> None:
+    """--print-config: the resolved run's config as TOML on stdout; as a
+    --config file it gives the same run."""
+    print(to_toml(resolve(args.config, args.overrides, args.resume, check_out=False).to_dict()), end="")

@@ -25,6 +25,7 @@ class JaxEngine:
         self.run = run
         self.runner = make_runner(tc)  # a device count that cannot split the batch fails here
         self.lead = jax.process_index() == 0  # the process that writes files other than checkpoints
+        self.processes = jax.process_count()
         self.model = make_model(mc, tc)
         # fine-tuning: the source's params with a fresh optimizer
         params = load_model(run.init_from)[1] if run.mode == "finetune" else init_params(mc, tc.seed)

@@ -20,7 +20,7 @@ import jax
 
 from gptcore import loop
 from gptcore.cli import guarded
-from gptcore.run import Run, RunError, parse_args, resolve
+from gptcore.run import Run, RunError, parse_args, print_config, resolve
 from jaxgpt.engine import JaxEngine
 from jaxgpt.runners import split_cpu
 
@@ -57,6 +57,8 @@ def init_distributed(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, "python -m jaxgpt.train")
+    if args.print_config:
+        return guarded(lambda: print_config(args))
 
     def body():
         spec = resolve(args.config, args.overrides, args.resume)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import safetensors.numpy
 import pytest
 import torch
 from helpers import REPO, tiny_preset
@@ -121,6 +122,55 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(preset, through, 
     aside = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("4.corrupt")]
     assert len(aside) == 1 and any(aside[0].rglob("*"))  # kept for the user to inspect
     assert_same_run(run, through)
+
+
+# -- SIGINT / SIGTERM ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def torch_through(preset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("torch_through") / "run"
+    assert ttrain.main(["--config", str(preset), f"train.out_dir={out}"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("trainer,sig", [("jaxgpt", signal.SIGINT), ("torchgpt", signal.SIGTERM)])
+def test_a_signal_checkpoints_the_step_and_resume_ends_as_if_uninterrupted(preset, through, torch_through,
+                                                                           tmp_path, trainer, sig):
+    """Ctrl-C (or SIGTERM) mid-training: within seconds, one line saying how
+    to resume, exit status 128 + signal, a checkpoint of the step in progress
+    and no model yet; --resume then ends exactly where a run that was never
+    interrupted ends."""
+    run = tmp_path / "run"
+    args = ["--config", str(preset), f"train.out_dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-m", f"{trainer}.train", *args, "train.max_steps=4000"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not any(
+            "loss" in r for r in training.read_metrics(run / "metrics.jsonl")):
+        time.sleep(0.01)  # until it is stepping
+    proc.send_signal(sig)
+    sent = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 10 and proc.returncode == 128 + sig, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    stopped = re.fullmatch(rf"stopped by {sig.name} after step (\d+), checkpoint saved; continue with: "
+                           rf"--resume train.out_dir={re.escape(str(run))}", line)
+    assert stopped, line
+    step = int(stopped[1])
+    assert 0 < step < STEPS and not (run / "model").exists()
+    main = train.main if trainer == "jaxgpt" else ttrain.main
+    if trainer == "jaxgpt":
+        assert step in complete_steps(run)
+    else:
+        assert torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["step"] == step
+    assert main([*args, "--resume", f"train.max_steps={STEPS}"]) == 0
+    if trainer == "jaxgpt":
+        assert_same_run(run, through)
+    else:
+        ours, theirs = (safetensors.numpy.load_file(r / "model" / "model.safetensors") for r in (run, torch_through))
+        assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+        metrics = [[{k: v for k, v in r.items() if k != "tok_per_s"}
+                    for r in training.read_metrics(x / "metrics.jsonl")] for x in (run, torch_through)]
+        assert metrics[0] == metrics[1]  # every loss, grad norm, lr and val loss
 
 
 # -- NaN -----------------------------------------------------------------------------------

@@ -188,3 +188,28 @@ def test_finetune_from_a_run(smoke_run, preset, tmp_path, trainer):
     assert json.loads((out / "config.json").read_text())["train"]["lr"] == 1e-4
     assert (out / "tokenizer.json").read_bytes() == (smoke_run / "tokenizer.json").read_bytes()
     assert load_model(out)[0] == load_model(smoke_run)[0]
+
+
+def test_print_config_round_trips_and_writes_nothing(preset, tmp_path, capsys):
+    """--print-config prints every section with its defaults; that TOML as
+    --config is the same run; nothing is written."""
+    out = tmp_path / "r"
+    overrides = ["train.lr=3e-4", "model.n_layers=1", f"train.out_dir={out}", "train.seed=7"]
+    capsys.readouterr()
+    assert train.main(["--config", str(preset), *overrides, "--print-config"]) == 0
+    printed = tmp_path / "printed.toml"
+    printed.write_text(capsys.readouterr().out)
+    assert not out.exists()
+    spec = resolve(str(preset), overrides)
+    assert resolve(str(printed), []).to_dict() == spec.to_dict()
+    text = printed.read_text()
+    assert "lr = 0.0003" in text and "mlp_dropout = 0.0" in text  # overrides and defaults alike
+
+
+def test_help_lists_the_presets(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    from gptcore.presets import preset_names
+    assert all(f"  {name} " in text for name in preset_names()) and "--print-config" in text

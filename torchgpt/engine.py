@@ -21,7 +21,7 @@ from torchgpt.train_checkpoints import resume_checkpoint, save_checkpoint
 
 
 class TorchEngine:
-    lead = True  # one process
+    lead, processes = True, 1  # one process
 
     def __init__(self, run: Run):
         tc, mc = run.train, run.model
