@@ -72,6 +72,21 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: unreadable model config ({e.__class__.__name__}: {e})") from None
 
 
+def read_hf(directory: Path):
+    """(config, {our name: array}, tokenizer.json or None) of a Hugging Face
+    model directory (config.json with a model_type), converted in memory; None
+    for any other directory. The generate CLIs of both twins take HF folders so."""
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or "model_type" not in meta or "model" in meta:
+        return None
+    from gptcore.formats import hf  # the formats build on this module, not the other way round at import time
+    ckpt = hf.read(directory)
+    return ckpt.cfg, {name: ckpt.tensors[name] for name in ckpt.tensors}, ckpt.tokenizer
+
+
 def tokenizer_path(directory: Path) -> Path | None:
     path = directory / TOKENIZER_FILE
     return path if path.is_file() else None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import transformers
 from conftest import jax_forward, max_diff, tokens_for, torch_forward, twins
 
+import jaxgpt.generate as jgen
 import torchgpt.model as tm
 from gptcore.config import ModelConfig
 from gptcore.formats import torch_pt
@@ -200,3 +201,79 @@ def test_nanogpt_checkpoint_imports_and_matches(bias, tmp_path):
         expected = nanogpt_forward(sd, args, torch.as_tensor(tokens).long()).numpy()
     assert max_diff(torch_forward(tmodel, tokens).logits, expected) <= HF_TOL
     assert max_diff(jax_forward(cfg, params, tokens).logits, expected) <= HF_TOL
+
+
+# -- what each format can hold ----------------------------------------------------
+
+DEFAULT_RUN = ModelConfig(vocab_size=75, context_length=32, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                          position="learned", qkv_bias=False, out_bias=False, mlp="relu", mlp_bias=False,
+                          tie_embeddings=True)  # configs/default.toml's architecture, smaller
+
+
+@pytest.mark.parametrize("cfg,arch", [
+    (DEFAULT_RUN, "gpt2"),
+    (DEFAULT_RUN.replace(mlp="gelu", norm_bias=False), "gpt2"),  # nanoGPT's bias=False
+    (OURS["llama_fused_qkv"].replace(qkv_bias=True), "llama"),  # q/k/v biases without an o_proj one
+], ids=["default-run", "nanogpt-no-bias", "llama-qkv-bias-only"])
+def test_missing_biases_export_as_zeros(cfg, arch, tmp_path):
+    """A missing bias is a zero bias: bias-free models (the default run's,
+    nanoGPT's bias=False) export to GPT-2, and transformers computes our
+    logits and greedy continuation."""
+    tmodel, params = twins(cfg)
+    torch_pt.save(tmp_path / "model.pt", {"config": cfg.to_dict()}, tm.state_arrays(tmodel).items())
+    convert(tmp_path / "model.pt", tmp_path / "hf", arch=arch)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = tokens_for(cfg, length=12)
+    assert max_diff(hf_logits(model, tokens), torch_forward(tmodel, tokens).logits) <= HF_TOL
+    prompt = tokens[:1, :4]
+    ours = np.asarray(jgen.generate(params, cfg, prompt, max_new_tokens=16, temperature=0.0))
+    with torch.no_grad():
+        theirs = model.generate(torch.as_tensor(prompt).long(), max_new_tokens=16, do_sample=False,
+                                attention_mask=torch.ones(prompt.shape, dtype=torch.long))
+    assert np.array_equal(theirs[:, 4:].numpy(), ours)
+
+
+def test_special_tokens_are_declared_for_transformers(tmp_path):
+    """A BPE run's [eos] / [pad] become HF's eos / pad: config.json,
+    generation_config.json and tokenizer_config.json name them, so
+    AutoTokenizer and generate() know where to stop; ids for text with
+    leading spaces, newlines and unicode equal ours."""
+    from gptcore.tokenizer import Tokenizer
+    from jaxgpt.checkpoint import save_model
+    text = "To be, or not to be: that is the question.\n Whether 'tis nobler — in the mind\n" * 50
+    tok = Tokenizer.train_bpe(text, 300)
+    tok.save(tmp_path / "tokenizer.json")
+    cfg = OURS["llama_fused_qkv"].replace(vocab_size=tok.vocab_size)
+    save_model(tmp_path / "jax", twins(cfg)[1], cfg, tmp_path / "tokenizer.json")
+    convert(tmp_path / "jax", tmp_path / "hf", dst_format="hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf_tok.eos_token, hf_tok.eos_token_id, hf_tok.pad_token_id) == ("[eos]", tok.eos_id, tok.pad_id)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert config.eos_token_id == generation.eos_token_id == tok.eos_id
+    assert config.pad_token_id == generation.pad_token_id == tok.pad_id
+    for sample in ("To be, or not", "\n Whether 'tis nobler", "— in the mind\n"):
+        assert hf_tok(sample, add_special_tokens=False)["input_ids"] == tok.encode(sample)
+
+
+def test_generate_clis_take_a_hugging_face_folder(tmp_path, capsys):
+    """--checkpoint HF_DIR: both twins convert it in memory and generate the
+    greedy text transformers generates."""
+    import jaxgpt.generate as jg
+    import torchgpt.generate as tg
+    from gptcore.tokenizer import Tokenizer
+    tok = Tokenizer.train_char("abcdefgh ")
+    model = hf_model("llama_gqa")
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf" / "tokenizer.json")
+    argv = ["--checkpoint", str(tmp_path / "hf"), "--prompt", "abc", "--max-new-tokens", "12", "--temperature", "0"]
+    outputs = []
+    for main in (jg.main, tg.main):
+        capsys.readouterr()
+        assert main(argv) == 0, capsys.readouterr().err
+        outputs.append(capsys.readouterr().out)
+    prompt = torch.as_tensor([tok.encode("abc")])
+    with torch.no_grad():
+        ids = model.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
+    expected = "abc" + tok.decode(ids[0, 3:].tolist()) + "\n"
+    assert outputs[0] == outputs[1] == expected

@@ -19,7 +19,7 @@ import torchgpt.model as tm
 import torchgpt.ops as tops
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.formats import FormatError
-from gptcore.formats.hf import config_to_hf
+from gptcore.formats.hf_config import config_to_hf
 from gptcore.presets import load_model_config
 
 DEBUG = load_model_config("debug")

@@ -30,7 +30,8 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 # Presets whose architecture Hugging Face GPT-2 / Llama / Mixtral can express.
-HF_EXPRESSIBLE = {"debug", "gpt2", "llama", "mixtral"}
+# what an HF architecture holds exactly (missing biases exported as zeros: the default run, nanoGPT, seed 001)
+HF_EXPRESSIBLE = {"debug", "default", "gpt2", "llama", "mixtral", "nanogpt_shakespeare_char", "seed001_mini"}
 
 
 def tiny(cfg: ModelConfig) -> ModelConfig:
@@ -128,11 +129,13 @@ def test_round_trip_every_format_bitwise(name, tmp_path):
             parts = [back.pop(f"blocks.{i}.attn.{p}_proj.weight") for p in "qkv"]
             back[f"blocks.{i}.attn.qkv_proj.weight"] = np.concatenate(parts)
         back_cfg = back_cfg.replace(qkv_fused=cfg.qkv_fused)
-    assert set(back) == set(state)
+    added = set(back) - set(state)  # the zero biases of a bias-free model, and nothing else
+    assert set(state) <= set(back) and all(k.endswith("bias") and not back[k].any() for k in added)
     assert_same(state, {k: back[k] for k in state})
     architecture = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "position",
-                    "rope_base", "mlp", "norm", "norm_eps", "n_experts", "top_k", "tie_embeddings", "qkv_bias")
+                    "rope_base", "mlp", "norm", "norm_eps", "n_experts", "top_k", "tie_embeddings")
     assert all(getattr(back_cfg, f) == getattr(cfg, f) for f in architecture)
+    assert back_cfg.qkv_bias == cfg.qkv_bias or (not cfg.qkv_bias and added)
 
 
 def test_bf16_stays_bf16(tmp_path):
@@ -216,11 +219,10 @@ MIXTRAL = tiny(load_model_config("mixtral"))
     (LLAMA.replace(mlp="gelu"), "llama", "mlp"),
     (LLAMA.replace(position="learned"), "llama", "position"),
     (LLAMA.replace(lm_head_bias=True), "llama", "lm_head_bias"),
-    (LLAMA.replace(qkv_bias=True), "llama", "out_bias"),
     (MIXTRAL, "gpt2", "position"),
     (GPT2.replace(n_experts=2), "gpt2", "n_experts"),
     (GPT2.replace(tie_embeddings=False), "gpt2", "tie_embeddings"),
-    (GPT2.replace(qkv_bias=False), "gpt2", "qkv_bias"),
+    (GPT2.replace(ffn_residual=False), "gpt2", "ffn_residual"),
     (MIXTRAL.replace(router_bias=True), "mixtral", "router_bias"),
     (MIXTRAL.replace(shared_expert=True), "mixtral", "shared_expert"),
     (MIXTRAL.replace(mlp_bias=True), "mixtral", "mlp_bias"),
@@ -312,3 +314,27 @@ def test_cli_errors_and_module_entry(tmp_path, capsys):
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0 and (tmp_path / "b.safetensors").is_file(), done.stderr
     assert done.stdout == f"wrote {tmp_path / 'b.safetensors'}\n" and done.stderr == ""
+
+
+def test_a_run_directory_converts_into_a_new_folder(tmp_path):
+    """convert takes a training run directory (its model/, as the generate
+    CLIs do) and creates the missing folders of a file destination; jaxgpt
+    directories it writes are read by both twins without jax's params/."""
+    import json
+
+    import torchgpt.checkpoint as tckpt
+    from jaxgpt.checkpoint import load_model, save_model
+    from jaxgpt.model import load_state_arrays, state_arrays
+    cfg = tiny(load_model_config("default").replace(vocab_size=64))
+    state = random_state(cfg)
+    run = tmp_path / "run"
+    save_model(run / "model", load_state_arrays(state, cfg), cfg)
+    (run / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": {}, "data": {}}))
+    convert(run, tmp_path / "new" / "folder" / "model.pt")
+    assert_same(state, read_pt(tmp_path / "new" / "folder" / "model.pt"))
+    convert(tmp_path / "new" / "folder" / "model.pt", tmp_path / "jax")
+    assert not (tmp_path / "jax" / "params").exists()
+    jax_state = state_arrays(load_model(tmp_path / "jax")[1])
+    torch_state = tckpt.load_model(tmp_path / "jax")[1].state_dict()
+    assert_same(state, {k: jax_state[k] for k in state})
+    assert_same(state, {k: torch_state[k].numpy() for k in state})

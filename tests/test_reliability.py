@@ -28,8 +28,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import safetensors.numpy
 import pytest
+import safetensors.numpy
 import torch
 from helpers import REPO, tiny_preset
 

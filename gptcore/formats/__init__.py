@@ -7,10 +7,11 @@ writer takes one. Foreign names are reached through the key maps of
 `keymap.py`, one table per format.
 
 Modules: keymap (the mapping machinery), state (our names and shapes for a
-config), safetensors_io (lazy reader, streaming writer), hf (Hugging Face
-GPT-2 / Llama / Mixtral directories), nanogpt (nanoGPT ckpt.pt import),
-torch_pt (.pt files; imports torch lazily, so reading or writing .pt needs
-torch installed). jaxgpt/convert.py is the command line.
+config), safetensors_io (lazy reader, streaming writer), hf and hf_config
+(Hugging Face GPT-2 / Llama / Mixtral directories and configs), nanogpt
+(nanoGPT ckpt.pt import), torch_pt (.pt files; imports torch lazily, so
+reading or writing .pt needs torch installed), convert (the converter and its
+command line, `python -m jaxgpt.convert`).
 """
 
 from __future__ import annotations

@@ -148,8 +148,8 @@ WRITERS = {"jaxgpt": write_jaxgpt, "pt": write_pt, "safetensors": write_safetens
 
 def source_format(path: Path) -> str:
     if path.is_dir():
-        if not (path / "config.json").exists() and (path / "model" / "config.json").is_file():
-            return "jaxgpt"  # a training run directory: load_model reads its model/
+        if (path / "model" / "config.json").is_file():
+            return "jaxgpt"  # a training run directory: read_jaxgpt reads its model/
         try:
             meta = json.loads((path / "config.json").read_text())
         except (OSError, json.JSONDecodeError):
@@ -193,6 +193,8 @@ def convert(src: str | Path, dst: str | Path, src_format: str | None = None, dst
     if arch is not None and dst_format != "hf":
         raise FormatError(f"--arch applies to --to hf only, not {dst_format}")
     ckpt = READERS[src_format](src)
+    if not dst.parent.exists():  # a new folder for a file destination
+        dst.parent.mkdir(parents=True)
     tmp = dst.with_name(f".{dst.name}.converting")
     _remove(tmp)
     try:
