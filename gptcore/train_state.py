@@ -53,7 +53,7 @@ def read(directory: Path) -> tuple[int, dict, dict, dict, dict]:
         trees = {part: {} for part in PARTS}
         for key in tensors:
             part, name = key.split("/", 1)
-            trees[part][name] = np.asarray(tensors[key])
+            trees[part][name] = np.array(tensors[key])  # a copy: the file is mapped, and replaced by the next save
     except Exception as e:  # missing, truncated or foreign file
         raise CheckpointError(f"--resume: {path} is not a readable train state ({type(e).__name__}: "
                               f"{(str(e).splitlines() or [''])[0][:200]})") from None

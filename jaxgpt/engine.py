@@ -6,14 +6,19 @@ runner that places it on the devices; the loop never sees a jax array.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
+from gptcore import train_state
 from gptcore.run import Run
 from jaxgpt import generate
 from jaxgpt.checkpoint import load_model, save_model
-from jaxgpt.model import count_params, init_params, stack_layers, unstack_layers
+from jaxgpt.model import count_params, init_params, load_state_arrays, stack_layers, state_arrays, unstack_layers
 from jaxgpt.runners import make_runner
 from jaxgpt.step import create_state, evaluate, make_model, step_key
 from jaxgpt.train_checkpoints import Checkpoints
@@ -55,8 +60,27 @@ class JaxEngine:
         return self._n_params
 
     def restore(self) -> tuple[int, dict]:
+        directory = self.run.out_dir / "checkpoints"
+        if self.checkpoints.latest_step() is None and train_state.exists(directory):  # a torchgpt run
+            return self._restore_portable(directory)
         self.state, loop_state = self.checkpoints.restore(self.state)
         return int(self.state.step), loop_state
+
+    def _restore_portable(self, directory) -> tuple[int, dict]:
+        step, params, adam_m, adam_v, loop_state = train_state.read(directory)
+
+        def tree(arrays):  # torch names and layout -> this run's params layout
+            t = load_state_arrays(arrays, self.run.model)
+            return stack_layers(t, self.run.model.n_layers) if self.run.train.scan_layers else t
+
+        params = tree(params)
+        count = jnp.asarray(step, jnp.int32)
+        opt_state = optax.tree_utils.tree_set(self.state.tx.init(params), mu=tree(adam_m), nu=tree(adam_v),
+                                              count=count)  # Adam's and the schedule's counts alike
+        state = self.state.replace(step=count, params=params, opt_state=opt_state)
+        # host copies, one per leaf: the counts share one array, and a donated step must not see it twice
+        self.state = jax.tree_util.tree_map(np.array, state)
+        return step, loop_state
 
     def step(self, step: int, batch):
         state = self._placed_state()
@@ -71,12 +95,25 @@ class JaxEngine:
         return evaluate(self.model, self.runner.eval_params(self._placed_state()), batches)
 
     def save(self, step: int, loop_state: dict, val_loss: float, improved: bool) -> None:
-        self.checkpoints.save(self.runner.checkpoint_state(self.state), loop_state, val_loss)
+        state = self.runner.checkpoint_state(self.state)
+        self.checkpoints.save(state, loop_state, val_loss)
+        if self.run.train.portable_state and self.processes == 1:
+            state = jax.device_get(state)
+            unrolled = [unstack_layers(t) if self.run.train.scan_layers else t for t in
+                        (state.params, optax.tree_utils.tree_get(state.opt_state, "mu"),
+                         optax.tree_utils.tree_get(state.opt_state, "nu"))]
+            train_state.write(self.run.out_dir / "checkpoints", step, *(state_arrays(t) for t in unrolled),
+                              loop_state)
 
     def load_best(self, best_step: int, step: int) -> None:
         self.best_params = jax.device_get(self.runner.eval_params(self._placed_state()))
         if 0 <= best_step != step:  # the best checkpoint is an earlier one
-            self.best_params = self.checkpoints.restore(self.runner.checkpoint_state(self.state), best_step)[0].params
+            if best_step in self.checkpoints.manager.all_steps():
+                self.best_params = self.checkpoints.restore(self.runner.checkpoint_state(self.state),
+                                                            best_step)[0].params
+            else:  # written by the other twin before this one resumed the run
+                print(f"warning: the best checkpoint (step {best_step}) is not among jaxgpt's; exporting the "
+                      f"weights after step {step}", file=sys.stderr)
 
     def export(self, directory: Path, tokenizer_file: Path) -> None:
         save_model(directory, self.best_params, self.run.model, tokenizer_file, overwrite=True)

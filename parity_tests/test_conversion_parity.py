@@ -277,3 +277,47 @@ def test_generate_clis_take_a_hugging_face_folder(tmp_path, capsys):
         ids = model.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
     expected = "abc" + tok.decode(ids[0, 3:].tolist()) + "\n"
     assert outputs[0] == outputs[1] == expected
+
+
+def test_nanogpt_meta_pkl_brings_the_vocabulary(tmp_path, capsys):
+    """nanoGPT's layout, out/ckpt.pt beside data/<dataset>/meta.pkl: the
+    converted directory gets the character vocabulary, and both generate CLIs
+    continue a prompt as nanoGPT's own model does greedily. A meta.pkl that
+    would run code is refused in one line, and runs nothing."""
+    import os
+    import pickle
+
+    import jaxgpt.generate as jg
+    import torchgpt.generate as tg
+    from jaxgpt.convert import main as convert_main
+    chars = sorted(set("First Citizen:\nBefore we proceed any further, hear me speak.\n"))
+    args = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, bias=False, vocab_size=len(chars), dropout=0.0)
+    ckpt = nanogpt_checkpoint(args) | {"config": {"dataset": "shakespeare_char"}}
+    (tmp_path / "out").mkdir()
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    data = tmp_path / "data" / "shakespeare_char"
+    data.mkdir(parents=True)
+    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+    (data / "meta.pkl").write_bytes(pickle.dumps(meta))
+    convert(tmp_path / "out" / "ckpt.pt", tmp_path / "jax")
+    sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    ids = [chars.index(c) for c in "First"]
+    for _ in range(8):  # nanoGPT's greedy continuation
+        with torch.no_grad():
+            ids.append(int(nanogpt_forward(sd, args, torch.tensor([ids]))[0, -1].argmax()))
+    expected = "".join(chars[i] for i in ids) + "\n"
+    argv = ["--checkpoint", str(tmp_path / "jax"), "--prompt", "First", "--max-new-tokens", "8", "--temperature", "0"]
+    for main in (jg.main, tg.main):
+        capsys.readouterr()
+        assert main(argv) == 0
+        assert capsys.readouterr().out == expected
+
+    class Hostile:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+    (data / "meta.pkl").write_bytes(pickle.dumps(Hostile()))
+    capsys.readouterr()
+    assert convert_main([str(tmp_path / "out" / "ckpt.pt"), str(tmp_path / "jax2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "meta.pkl" in err and err.count("\n") == 1
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "jax2").exists()

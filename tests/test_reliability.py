@@ -277,7 +277,7 @@ def test_no_loader_unpickles_objects(preset, through, tmp_path, capsys):
     run = tmp_path / "run"  # the finished run, with an evil latest.pt and no best.pt
     shutil.copytree(through, run)
     for p in (run / "checkpoints").iterdir():
-        shutil.rmtree(p)
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     torch.save(evil, run / "checkpoints" / "latest.pt")
     capsys.readouterr()
     assert ttrain.main(["--config", str(preset), f"train.out_dir={run}", "--resume"]) == 2

@@ -77,8 +77,8 @@ def test_cli_run_writes_every_output(smoke_run):
     assert set(config) == {"model", "train", "data"}
     tok = Tokenizer.load(out / "tokenizer.json")
     assert config["model"]["vocab_size"] == tok.vocab_size  # taken from the tokenizer
-    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
-    assert steps == [10, 20]
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [10, 20] and (out / "checkpoints" / "portable.safetensors").is_file()
     records = training.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20]
     assert [s for s, *_ in losses(out)] == [5, 10, 15, 20]
@@ -213,3 +213,30 @@ def test_help_lists_the_presets(capsys):
     text = capsys.readouterr().out
     from gptcore.presets import preset_names
     assert all(f"  {name} " in text for name in preset_names()) and "--print-config" in text
+
+
+@pytest.mark.parametrize("first,second", [("jaxgpt", "torchgpt"), ("torchgpt", "jaxgpt")])
+def test_the_other_twin_resumes_a_run(preset, tmp_path, first, second):
+    """10 steps in one trainer, resumed by the other for 10 more, match 20
+    steps of the first: every logged loss, grad norm and lr, and the final
+    params and both Adam moments (relative 1e-4; no dropout, fp32). The
+    portable train state carries params, moments, step, schedule and loop
+    state; the batches follow from (seed, step)."""
+    from gptcore import train_state
+    from torchgpt import train as ttrain
+    mains = {"jaxgpt": train.main, "torchgpt": ttrain.main}
+    common = ["--config", str(preset), "train.lr_decay_steps=20", "train.sample_tokens=0"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert mains[first]([*common, f"train.out_dir={whole}"]) == 0
+    assert mains[first]([*common, f"train.out_dir={split}", "train.max_steps=10"]) == 0
+    assert mains[second]([*common, f"train.out_dir={split}", "--resume", "train.max_steps=20"]) == 0
+    a, b = np.array(losses(whole)), np.array(losses(split))  # (step, loss, grad_norm, lr) rows
+    assert a.shape == b.shape == (4, 4) and np.array_equal(a[:, 0], b[:, 0])
+    np.testing.assert_allclose(b[:, 1:], a[:, 1:], rtol=1e-4)
+    ends = [train_state.read(run / "checkpoints") for run in (whole, split)]
+    assert ends[0][0] == ends[1][0] == 20
+    for part in (1, 2, 3):  # params, adam_m, adam_v
+        ours, theirs = ends[1][part], ends[0][part]
+        assert set(ours) == set(theirs)
+        err = sum(float(np.sum((ours[k] - theirs[k]) ** 2)) for k in theirs) ** 0.5
+        assert err <= 1e-4 * sum(float(np.sum(theirs[k] ** 2)) for k in theirs) ** 0.5

@@ -7,10 +7,12 @@ GPU), in float32.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
+from gptcore import train_state
 from gptcore.run import Run, RunError
 from torchgpt import generate
 from torchgpt import step as steps
@@ -45,7 +47,19 @@ class TorchEngine:
         return count_params(self.model)
 
     def restore(self) -> tuple[int, dict]:
+        own = any((self.directory / name).is_file() for name in ("latest.pt", "best.pt"))
+        if not own and train_state.exists(self.directory):  # a jaxgpt run
+            return self._restore_portable()
         return resume_checkpoint(self.directory, self.model, self.optimizer)
+
+    def _restore_portable(self) -> tuple[int, dict]:
+        step, params, adam_m, adam_v, loop_state = train_state.read(self.directory)
+        self.model.load_state_dict({k: torch.from_numpy(a) for k, a in params.items()}, strict=True)
+        for name, p in self.model.named_parameters():  # AdamW's own state, as after `step` steps
+            self.optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                       "exp_avg": torch.from_numpy(adam_m[name]).to(self.device),
+                                       "exp_avg_sq": torch.from_numpy(adam_v[name]).to(self.device)}
+        return step, loop_state
 
     def step(self, step: int, batch):
         batch = tuple(torch.from_numpy(a).to(self.device) for a in batch)
@@ -61,11 +75,22 @@ class TorchEngine:
         save_checkpoint(self.directory / "latest.pt", self.model, self.optimizer, step, loop_state)
         if improved:
             save_checkpoint(self.directory / "best.pt", self.model, self.optimizer, step, loop_state)
+        if self.run.train.portable_state:
+            named = dict(self.model.named_parameters())
+            arrays = [{n: t.detach().cpu().numpy() for n, t in tensors.items()} for tensors in (
+                named, {n: self.optimizer.state[p]["exp_avg"] for n, p in named.items()},
+                {n: self.optimizer.state[p]["exp_avg_sq"] for n, p in named.items()})]
+            train_state.write(self.directory, step, *arrays, loop_state)
 
     def load_best(self, best_step: int, step: int) -> None:
-        if 0 <= best_step != step and (self.directory / "best.pt").is_file():  # the best is an earlier step
-            ckpt = torch.load(self.directory / "best.pt", map_location=self.device, weights_only=True)
-            self.model.load_state_dict(ckpt["model"])
+        if 0 <= best_step != step:  # the best checkpoint is an earlier one
+            best = self.directory / "best.pt"
+            ckpt = torch.load(best, map_location=self.device, weights_only=True) if best.is_file() else None
+            if ckpt is not None and ckpt["step"] == best_step:
+                self.model.load_state_dict(ckpt["model"])
+            else:  # written by the other twin before this one resumed the run
+                print(f"warning: the best checkpoint (step {best_step}) is not among torchgpt's; exporting the "
+                      f"weights after step {step}", file=sys.stderr)
         self.model.eval()
 
     def export(self, directory: Path, tokenizer_file: Path) -> None:

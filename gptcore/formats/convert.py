@@ -27,9 +27,11 @@ except in jaxgpt directories, which hold the model's float32 parameters.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ import numpy as np
 from gptcore.cli import Parser, guarded
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.formats import Checkpoint, FormatError, hf, nanogpt, safetensors_io
+from gptcore.formats.nanogpt_meta import find_meta, read_meta
 from gptcore.formats.state import InOrder, check_state
 from gptcore.model_dir import (
     MODEL_WEIGHTS,
@@ -74,7 +77,7 @@ def read_pt(path: Path) -> Checkpoint:
     from gptcore.formats import torch_pt
     obj = torch_pt.load(path)
     if isinstance(obj, dict) and "model_args" in obj:
-        return nanogpt.read(obj, path)
+        return _with_meta(nanogpt.read(obj, path), obj, path)
     if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict) or not isinstance(obj.get("model"), dict):
         raise FormatError(f"{path}: not a torchgpt checkpoint (expected a dict with 'config' and 'model')")
     cfg = _config(obj["config"], path)
@@ -84,7 +87,26 @@ def read_pt(path: Path) -> Checkpoint:
 
 def read_nanogpt(path: Path) -> Checkpoint:
     from gptcore.formats import torch_pt
-    return nanogpt.read(torch_pt.load(path), path)
+    obj = torch_pt.load(path)
+    return _with_meta(nanogpt.read(obj, path), obj, path)
+
+
+def _with_meta(ckpt: Checkpoint, obj: dict, path: Path) -> Checkpoint:
+    """A nanoGPT checkpoint with its dataset's character vocabulary (meta.pkl),
+    when there is one, as tokenizer.json: the converted model can generate."""
+    meta = find_meta(obj, path)
+    if meta is None:
+        return ckpt
+    tokenizer = read_meta(meta)
+    if tokenizer.vocab_size > ckpt.cfg.vocab_size:
+        raise FormatError(f"{meta}: {tokenizer.vocab_size} characters, the checkpoint's vocab_size is "
+                          f"{ckpt.cfg.vocab_size}")
+    scratch = tempfile.TemporaryDirectory(prefix="jaxgpt-convert-")
+    _SCRATCH.append(scratch)  # removed at exit, after the writer has copied it
+    return dataclasses.replace(ckpt, tokenizer=tokenizer.save(Path(scratch.name) / "tokenizer.json"))
+
+
+_SCRATCH: list[tempfile.TemporaryDirectory] = []
 
 
 def read_safetensors(path: Path) -> Checkpoint:
