@@ -167,17 +167,23 @@ def check_field_types(cfg, choices: dict[str, tuple[str, ...]]) -> None:
     """Type-check every field of a config dataclass (string annotations:
     int, float, bool, str, "X | None", Literal[...]) and the allowed values of
     the fields named in `choices`. An int is accepted for a float field and
-    converted; a bool is never an int. One-line ConfigError naming the field."""
+    converted; a bool is never an int; every float is finite and every int
+    fits in 64 bits (numbers that cannot describe a run, whatever the field).
+    One-line ConfigError naming the field."""
     for f in dataclasses.fields(cfg):
         value, kind = getattr(cfg, f.name), f.type
         if value is None and kind.endswith("| None"):
             continue
         expected = str if kind.startswith("Literal") else _FIELD_TYPES[kind.removesuffix(" | None")]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(cfg, f.name, float(value))
-            continue
+        if expected is float and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 63:
+            value = float(value)
+            object.__setattr__(cfg, f.name, value)
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise ConfigError(f"{f.name}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+        if expected is float and not math.isfinite(value):
+            raise ConfigError(f"{f.name}: must be a finite number (got {value!r})")
+        if expected is int and not -2 ** 63 <= value < 2 ** 63:
+            raise ConfigError(f"{f.name}: {value} does not fit in 64 bits")
         if f.name in choices and value not in choices[f.name]:
             raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices[f.name])}")
 

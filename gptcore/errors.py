@@ -17,6 +17,10 @@ class UserError(ValueError):
     """Bad input, reported as one line; subclasses name the kind."""
 
 
+class RunError(UserError):
+    """A run that cannot start or go on (existing outputs, nothing to resume, no memory for it, divergence, ...)."""
+
+
 class Stopped(Exception):
     """A run stopped on request (SIGINT / SIGTERM) after saving what it had:
     one line, not an error, and `code` as the exit status (128 + signal)."""

@@ -23,10 +23,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptcore.budget import check_fits
 from gptcore.cli import Parser
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.corpus import corpus_from_spec
-from gptcore.errors import UserError
+from gptcore.errors import RunError  # noqa: F401  (gptcore.run.RunError, as the trainers import it)
 from gptcore.model_dir import MODEL_WEIGHTS, CheckpointError, find_model_dir, read_model_config, tokenizer_path
 from gptcore.presets import apply_override, build_section, load_sections, preset_names, preset_summary, to_toml
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
@@ -38,10 +39,6 @@ CONFIG_FILE = "config.json"
 OUTPUTS = (CONFIG_FILE, "checkpoints", "model", "metrics.jsonl")  # a fresh run refuses a directory holding any
 DROPOUT_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "mlp_dropout")
 MODES = ("fresh", "resume", "finetune")
-
-
-class RunError(UserError):
-    """A run that cannot start or go on (existing outputs, nothing to resume, divergence, ...)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +105,14 @@ def resolve(preset: str | None, overrides: list[str], resume: bool = False, chec
                  else Tokenizer.train_bpe(text, data.bpe_vocab_size))
     return Run("fresh", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer, None,
                text)
+
+
+def resolve_checked(preset: str | None, overrides: list[str], resume: bool = False) -> Run:
+    """resolve, then the memory check (gptcore.budget): a run that cannot fit
+    the machine stops here, before anything is built."""
+    run = resolve(preset, overrides, resume)
+    check_fits(run.model, run.train)
+    return run
 
 
 def _tables(preset: str | None, overrides: list[str], resume: bool) -> tuple[dict, str]:

@@ -170,5 +170,8 @@ def _check_values(c) -> None:
     require(c.grad_clip >= 0.0, "grad_clip", "must be >= 0 (0 turns clipping off)")
     require(c.min_delta >= 0.0, "min_delta", "must be >= 0")
     require(c.sample_temperature >= 0.0, "sample_temperature", "must be >= 0 (0: greedy)")
+    require(0 <= c.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
+    require(c.out_dir.strip() not in ("", "."), "out_dir",
+            "must name a run directory (not the current one: a run writes several files and folders)")
     require(c.fsdp == 1 or c.parallel in ("mesh", "auto"), "fsdp",
             "parameter sharding needs train.parallel = \"mesh\" (or \"auto\")")

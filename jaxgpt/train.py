@@ -20,7 +20,7 @@ import jax
 
 from gptcore import loop
 from gptcore.cli import guarded
-from gptcore.run import Run, RunError, parse_args, print_config, resolve
+from gptcore.run import Run, RunError, parse_args, print_config, resolve_checked
 from jaxgpt.engine import JaxEngine
 from jaxgpt.runners import split_cpu
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return guarded(lambda: print_config(args))
 
     def body():
-        spec = resolve(args.config, args.overrides, args.resume)
+        spec = resolve_checked(args.config, args.overrides, args.resume)
         if not coordinator(args):
             split_cpu(spec.train)
         init_distributed(args)

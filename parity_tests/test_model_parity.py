@@ -292,3 +292,13 @@ def test_position_registries_cover_the_config():
     from gptcore.config import POSITIONS, ROPE_SCALINGS
     assert set(jpos.KINDS) == set(tpos.KINDS) == set(POSITIONS)
     assert set(rope.SCALINGS) == set(ROPE_SCALINGS)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_budget_param_count_equals_both_twins(name):
+    """gptcore.budget counts without building (and without a loop over
+    layers or experts); both twins agree with it at full size."""
+    from gptcore.budget import param_count
+    cfg = load_model_config(name)
+    with torch.device("meta"):
+        assert param_count(cfg) == tm.count_params(tm.GPT(cfg)) == jm.count_params(jm.param_shapes(cfg))

@@ -18,7 +18,7 @@ import sys
 
 from gptcore import loop
 from gptcore.cli import guarded
-from gptcore.run import Run, parse_args, print_config, resolve
+from gptcore.run import Run, parse_args, print_config, resolve_checked
 from torchgpt.engine import TorchEngine
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, "python -m torchgpt.train")
     if args.print_config:
         return guarded(lambda: print_config(args))
-    return guarded(lambda: run(resolve(args.config, args.overrides, args.resume)))
+    return guarded(lambda: run(resolve_checked(args.config, args.overrides, args.resume)))
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def to_foreign(tensors: Mapping[str, np.ndarray], keymap: KeyMap, cfg: ModelConf
     return pairs()
 
 
-def from_foreign(foreign: Mapping[str, np.ndarray], keymap: KeyMap, cfg: ModelConfig, where: str) -> Mapping[str, np.ndarray]:
+def from_foreign(foreign: Mapping[str, np.ndarray], keymap: KeyMap, cfg: ModelConfig,
+                 where: str) -> Mapping[str, np.ndarray]:
     """Foreign weights -> a lazy mapping of ours (a foreign tensor is read when
     one of ours needs it). Missing and unexpected foreign keys raise here;
     shapes are checked as each tensor is produced."""
