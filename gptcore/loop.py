@@ -30,7 +30,8 @@ from typing import Any, Protocol
 
 from gptcore import training
 from gptcore.errors import Stopped
-from gptcore.run import Run
+from gptcore.lock import run_lock
+from gptcore.run import Run, check_out_dir
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
 
 
@@ -75,7 +76,18 @@ class Engine(Protocol):
 
 def train(run: Run, engine: Engine) -> dict:
     """Train as `run` says, writing its directory; returns a summary
-    {"steps", "final_val_loss", "best_val_loss", "best_step", "stopped_early"}."""
+    {"steps", "final_val_loss", "best_val_loss", "best_step", "stopped_early"}.
+    The lead process holds the directory's lock throughout (gptcore.lock) and,
+    once it has it, checks the directory again: a trainer that started at the
+    same moment and got there first has made it a run."""
+    if not engine.lead:
+        return _train(run, engine)
+    with run_lock(run.out_dir):
+        check_out_dir(run.out_dir, run.mode == "resume")
+        return _train(run, engine)
+
+
+def _train(run: Run, engine: Engine) -> dict:
     from tqdm import tqdm
 
     tc, out, lead = run.train, run.out_dir, engine.lead

@@ -227,13 +227,16 @@ def make_runner(cfg: TrainConfig) -> Runner:
     """The runner train.parallel asks for; "auto" is a data-parallel (and,
     with train.fsdp, parameter-sharded) mesh over every device when there are
     several, else the single device."""
-    if cfg.parallel == "single" or (cfg.parallel == "auto" and jax.device_count() == 1):
+    devices = jax.devices()
+    if cfg.cpu_devices and devices[0].platform == "cpu" and jax.process_count() == 1:
+        devices = devices[:cfg.cpu_devices]  # as asked, also where JAX was started with more (a live process)
+    if cfg.parallel == "single" or (cfg.parallel == "auto" and len(devices) == 1):
         return SingleDevice()
-    n = jax.local_device_count() if cfg.parallel == "pmap" else jax.device_count()
+    n = min(len(devices), jax.local_device_count()) if cfg.parallel == "pmap" else len(devices)
     if cfg.batch_size % n:
         raise RunError(f"train.batch_size {cfg.batch_size} is not divisible by the {n} devices "
                        f"(on a CPU host: set train.cpu_devices to a divisor of it)")
-    return PmapRunner() if cfg.parallel == "pmap" else MeshRunner(cfg.fsdp)
+    return PmapRunner(devices[:n]) if cfg.parallel == "pmap" else MeshRunner(cfg.fsdp, devices)
 
 
 def cpu_device_count(cfg: TrainConfig, cores: int | None = None) -> int:
@@ -254,8 +257,9 @@ def split_cpu(cfg: TrainConfig) -> None:
     cores mostly idle (torch spreads each op over its intra-op threads
     instead). Devices are set before JAX starts; an explicit
     --xla_force_host_platform_device_count in XLA_FLAGS wins, and once JAX
-    has started (jaxgpt.train.main called in a live process) nothing changes.
-    Other backends (GPU, TPU) are untouched.
+    has started (jaxgpt.train.main called in a live process) the count
+    stays, but make_runner still trains on the first train.cpu_devices of
+    them when that is set. Other backends (GPU, TPU) are untouched.
     """
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return

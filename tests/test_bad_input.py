@@ -74,8 +74,10 @@ def user(tmp_path_factory) -> User:
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file's checksum and mtime; a run directory's .lock (the trainers'
+    own bookkeeping: the pid of the last trainer to hold it) is left out."""
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def assert_one_line_error(code, err: str, needle: str) -> None:

@@ -55,9 +55,15 @@ def preset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def through(preset, tmp_path_factory) -> Path:
-    """The run as it goes when nothing goes wrong."""
+    """The run as it goes when nothing goes wrong, made the way the runs it
+    is compared with are made: in a process of its own. (In-process, it took
+    the device count of whatever test first started JAX in this worker: a
+    2-device run does not sum like a 1-device one, and the comparisons
+    failed, now and then, after tests/test_bad_input.py.)"""
     out = tmp_path_factory.mktemp("through") / "run"
-    assert train.main(["--config", str(preset), f"train.out_dir={out}"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--config", str(preset), f"train.out_dir={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
@@ -300,3 +306,29 @@ def test_no_loader_unpickles_objects(preset, through, tmp_path, capsys):
         for call in re.findall(r"torch\.load\([^)]*\)", code):
             assert "weights_only=True" in call, (path, call)
         assert not re.search(r"\bpickle\.loads?\(|allow_pickle=True|weights_only=False", code), path
+
+
+# -- one trainer per run directory ------------------------------------------------------------
+@pytest.mark.parametrize("trainer", ["jaxgpt", "torchgpt"])
+def test_a_run_directory_in_use_is_refused(preset, tmp_path, capsys, trainer):
+    """While another process holds OUT_DIR's lock (as a running trainer
+    does), a second trainer gets one line naming the holder and writes
+    nothing; once the lock is free the same command runs."""
+    main = train.main if trainer == "jaxgpt" else ttrain.main
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert main(["--config", str(preset), f"train.out_dir={run}", "train.max_steps=2"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is in use by process {holder.pid}" in err, err
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["--config", str(preset), f"train.out_dir={run}", "train.max_steps=2"]) == 0
