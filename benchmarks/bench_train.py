@@ -139,7 +139,7 @@ def memory_probe(name: str, engine: str) -> None:
         e = TorchEngine(cfg, tc, np_state, compile_=engine == "torch.compile")
     else:
         kernels = "reference" if engine.endswith(REFERENCE_SUFFIX) else "auto"
-        runner = data_parallel_runner(tc) if engine.startswith("jaxgpt,") else None  # "jaxgpt, N CPU devices"
+        runner = data_parallel_runner(cfg, tc) if engine.startswith("jaxgpt,") else None  # "jaxgpt, N CPU devices"
         e = JaxEngine(cfg, tc, np_state, runner, kernels=kernels)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -211,12 +211,12 @@ class TorchEngine:
         return metrics["loss"]
 
 
-def data_parallel_runner(tc):
+def data_parallel_runner(cfg, tc):
     """What python -m jaxgpt.train runs by default on this host (parallel
     "auto"): a data-parallel mesh over as many of the CPU devices as divide
     the batch; None when that is one device."""
     n = jr.cpu_device_count(tc, cores=jax.device_count())
-    return MeshRunner(devices=jax.devices()[:n]) if n > 1 else None
+    return MeshRunner(cfg, devices=jax.devices()[:n]) if n > 1 else None
 
 
 def make_batches(cfg, tc):
@@ -235,10 +235,10 @@ def run_config(name, cfg, tc, steps, warmup, rounds, use_compile, ceiling) -> st
     np_state = tm.state_arrays(tm.GPT(cfg))
     batch_of = make_batches(cfg, tc)
     engines = [JaxEngine(cfg, tc, np_state), TorchEngine(cfg, tc, np_state)]
-    if (runner := data_parallel_runner(tc)) is not None:
+    if (runner := data_parallel_runner(cfg, tc)) is not None:
         engines.insert(1, JaxEngine(cfg, tc, np_state, runner))
         # the autodiff reference path on the same devices: what jaxgpt.cpu_kernels buys
-        engines.insert(2, JaxEngine(cfg, tc, np_state, data_parallel_runner(tc), kernels="reference"))
+        engines.insert(2, JaxEngine(cfg, tc, np_state, data_parallel_runner(cfg, tc), kernels="reference"))
     if use_compile:
         engines.append(TorchEngine(cfg, tc, np_state, compile_=True))
     losses = {e.name: [] for e in engines}

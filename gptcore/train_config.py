@@ -81,8 +81,10 @@ class TrainConfig:
 
     # parallelism (jaxgpt)
     parallel: str = "auto"  # "auto": "mesh" over every device when there are several, else "single";
-    # "single" device, "pmap" data parallel, "mesh" (data x fsdp) jit
+    # "single" device, "pmap" data parallel, "mesh" (data x fsdp x tensor) jit
     fsdp: int = 1  # size of the mesh's "fsdp" axis (parameter sharding); mesh / auto only
+    tensor: int = 1  # size of the mesh's "tensor" axis (Megatron-style heads / MLP / vocab); mesh / auto only;
+    # the "data" axis takes the devices fsdp x tensor leave (jaxgpt.sharding)
     cpu_devices: int = 0  # on a CPU host, the XLA CPU devices `python -m jaxgpt.train` splits it into, so
     # that data parallelism puts every core to work; 0: one per core (fewer if batch_size needs it)
 
@@ -155,7 +157,7 @@ def _check_values(c) -> None:
         require(c.stride is None or c.stride > 0, "stride", "must be positive")
         return
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
-                 "keep_checkpoints", "fsdp"):
+                 "keep_checkpoints", "fsdp", "tensor"):
         require(getattr(c, name) > 0, name, "must be positive")
     for name in ("warmup_steps", "patience", "sample_tokens", "cpu_devices"):
         require(getattr(c, name) >= 0, name, "must be >= 0")
@@ -173,5 +175,6 @@ def _check_values(c) -> None:
     require(0 <= c.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
     require(c.out_dir.strip() not in ("", "."), "out_dir",
             "must name a run directory (not the current one: a run writes several files and folders)")
-    require(c.fsdp == 1 or c.parallel in ("mesh", "auto"), "fsdp",
-            "parameter sharding needs train.parallel = \"mesh\" (or \"auto\")")
+    for name in ("fsdp", "tensor"):
+        require(getattr(c, name) == 1 or c.parallel in ("mesh", "auto"), name,
+                "sharding needs train.parallel = \"mesh\" (or \"auto\")")

@@ -6,6 +6,7 @@ runner that places it on the devices; the loop never sees a jax array.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from gptcore import train_state
 from gptcore.run import Run
 from jaxgpt import generate
 from jaxgpt.checkpoint import load_model, save_model
-from jaxgpt.model import count_params, init_params, load_state_arrays, stack_layers, state_arrays, unstack_layers
-from jaxgpt.runners import make_runner
-from jaxgpt.step import create_state, evaluate, make_model, step_key
+from jaxgpt.model import count_params, load_state_arrays, stack_layers, state_arrays, unstack_layers
+from jaxgpt.runners import gather, make_runner
+from jaxgpt.step import create_state, evaluate, fresh_state, make_model, step_key
 from jaxgpt.train_checkpoints import Checkpoints
 
 
@@ -28,17 +29,17 @@ class JaxEngine:
     def __init__(self, run: Run):
         tc, mc = run.train, run.model
         self.run = run
-        self.runner = make_runner(tc)  # a device count that cannot split the batch fails here
+        self.runner = make_runner(tc, mc)  # a device count that cannot split the batch fails here
         self.lead = jax.process_index() == 0  # the process that writes files other than checkpoints
         self.processes = jax.process_count()
         self.model = make_model(mc, tc)
-        # fine-tuning: the source's params with a fresh optimizer
-        params = load_model(run.init_from)[1] if run.mode == "finetune" else init_params(mc, tc.seed)
-        if tc.scan_layers:  # the unrolled params stacked: the same initial weights either way
-            params = stack_layers(params, mc.n_layers)
-        self._n_params = count_params(params)
-        self.state = create_state(self.model, params, tc)  # on the host until the first step or evaluation
-        self._placed = False
+        if run.mode == "finetune":  # the source's params with a fresh optimizer
+            params = load_model(run.init_from)[1]
+            params = stack_layers(params, mc.n_layers) if tc.scan_layers else params
+            self.state = self.runner.place_state(create_state(self.model, params, tc))
+        else:  # created where it lives: sharded on a mesh, never whole on the host
+            self.state = self.runner.init_state(functools.partial(fresh_state, self.model, mc, tc))
+        self._n_params = count_params(self.runner.eval_params(self.state))
         self._checkpoints: Checkpoints | None = None
         self.best_params = None
 
@@ -47,11 +48,6 @@ class JaxEngine:
         if self._checkpoints is None:
             self._checkpoints = Checkpoints(self.run.out_dir / "checkpoints", self.run.train.keep_checkpoints)
         return self._checkpoints
-
-    def _placed_state(self):
-        if not self._placed:
-            self.state, self._placed = self.runner.place_state(self.state), True
-        return self.state
 
     def describe(self) -> str:
         return self.runner.describe()
@@ -63,8 +59,9 @@ class JaxEngine:
         directory = self.run.out_dir / "checkpoints"
         if self.checkpoints.latest_step() is None and train_state.exists(directory):  # a torchgpt run
             return self._restore_portable(directory)
-        self.state, loop_state = self.checkpoints.restore(self.state)
-        return int(self.state.step), loop_state
+        state, loop_state = self.checkpoints.restore(self.runner.checkpoint_state(self.state))
+        self.state = self.runner.place_state(state)  # restored into the run's shardings already, on a mesh
+        return int(jax.device_get(self.state.step)), loop_state
 
     def _restore_portable(self, directory) -> tuple[int, dict]:
         step, params, adam_m, adam_v, loop_state = train_state.read(directory)
@@ -79,20 +76,19 @@ class JaxEngine:
                                               count=count)  # Adam's and the schedule's counts alike
         state = self.state.replace(step=count, params=params, opt_state=opt_state)
         # host copies, one per leaf: the counts share one array, and a donated step must not see it twice
-        self.state = jax.tree_util.tree_map(np.array, state)
+        self.state = self.runner.place_state(jax.tree_util.tree_map(np.array, state))
         return step, loop_state
 
     def step(self, step: int, batch):
-        state = self._placed_state()
-        self.state, metrics = self.runner.step(state, self.runner.place_batch(batch), step_key(self.run.train.seed,
-                                                                                                step))
+        self.state, metrics = self.runner.step(self.state, self.runner.place_batch(batch),
+                                               step_key(self.run.train.seed, step))
         return metrics
 
     def metrics(self, handle) -> dict[str, float]:
         return self.runner.metrics(handle)
 
     def evaluate(self, batches) -> float:
-        return evaluate(self.model, self.runner.eval_params(self._placed_state()), batches)
+        return evaluate(self.model, self.runner.eval_params(self.state), batches)
 
     def save(self, step: int, loop_state: dict, val_loss: float, improved: bool) -> None:
         state = self.runner.checkpoint_state(self.state)
@@ -106,14 +102,14 @@ class JaxEngine:
                               loop_state)
 
     def load_best(self, best_step: int, step: int) -> None:
-        self.best_params = jax.device_get(self.runner.eval_params(self._placed_state()))
+        params = self.runner.eval_params(self.state)
         if 0 <= best_step != step:  # the best checkpoint is an earlier one
             if best_step in self.checkpoints.manager.all_steps():
-                self.best_params = self.checkpoints.restore(self.runner.checkpoint_state(self.state),
-                                                            best_step)[0].params
+                params = self.checkpoints.restore(self.runner.checkpoint_state(self.state), best_step)[0].params
             else:  # written by the other twin before this one resumed the run
                 print(f"warning: the best checkpoint (step {best_step}) is not among jaxgpt's; exporting the "
                       f"weights after step {step}", file=sys.stderr)
+        self.best_params = gather(params)
 
     def export(self, directory: Path, tokenizer_file: Path) -> None:
         save_model(directory, self.best_params, self.run.model, tokenizer_file, overwrite=True)

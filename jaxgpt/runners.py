@@ -1,4 +1,4 @@
-"""Where a jaxgpt train step runs: one device, pmap, or a (data, fsdp) mesh.
+"""Where a jaxgpt train step runs: one device, pmap, or a (data, fsdp, tensor) mesh.
 
 Every runner follows the `Runner` protocol, so jaxgpt.engine drives them alike:
 
@@ -7,15 +7,17 @@ Every runner follows the `Runner` protocol, so jaxgpt.engine drives them alike:
   local device, each device takes a slice of every micro-batch, and
   `step_fn(..., axis_name="data")` sums gradients, nll and token counts
   over devices before one identical update everywhere.
-- MeshRunner: one `jit` over a Mesh with axes ("data", "fsdp"). The batch
-  is split over both axes. With fsdp 1 (plain data parallelism, the CPU
-  default) the step is `step_fn(..., axis_name=AXES)` under shard_map, like
-  pmap: one float32 all-reduce carries every gradient (step.psum_flat),
-  where XLA's own partitioning meets the other devices once per parameter.
-  With fsdp > 1 params and optimizer state are split FSDP-style over "fsdp"
-  along their largest axis that "fsdp" divides (replicated otherwise), and
-  XLA inserts the all-gathers and reduce-scatters into the single-device
-  step_fn: the same function.
+- MeshRunner: one `jit` over a Mesh with axes ("data", "fsdp", "tensor")
+  (jaxgpt.sharding: the axes, the logical axis rules). The batch is split
+  over data and fsdp. With fsdp = tensor = 1 (plain data parallelism, the
+  CPU default) the step is `step_fn(..., axis_name=...)` under shard_map,
+  like pmap: one float32 all-reduce carries every gradient
+  (step.psum_flat), where XLA's own partitioning meets the other devices
+  once per parameter. Otherwise params and optimizer state are sharded as
+  jaxgpt.sharding's rules say, and XLA inserts the collectives into the
+  single-device step_fn: the same function. The state is created sharded
+  (`init_state`: a jitted init with output shardings) and checkpoints
+  restore straight into the shardings, so no process holds a full copy.
 
 Multi-host: after jax.distributed.initialize the mesh spans every process's
 devices and each process feeds only its rows of the global batch
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Protocol
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +36,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gptcore.config import ModelConfig
 from gptcore.run import RunError
 from gptcore.train_config import TrainConfig
 from jaxgpt import step
+from jaxgpt.sharding import Layout, make_mesh
 from jaxgpt.step import Batch, TrainState, step_fn
 
-AXES = ("data", "fsdp")
+DATA_AXES = ("data", "fsdp")  # the batch axes; shard_map's axis names in the data-parallel case
 
 
 class Runner(Protocol):
@@ -48,8 +52,12 @@ class Runner(Protocol):
     def describe(self) -> str:
         """The devices and the kind of parallelism, one line."""
 
+    def init_state(self, init: Callable[[], TrainState]) -> TrainState:
+        """The state `init` (a traceable function) creates, on the runner's devices."""
+
     def place_state(self, state: TrainState) -> TrainState:
-        """The (host) state on the runner's devices, in the layout `step` takes."""
+        """A (host) state on the runner's devices, in the layout `step` takes;
+        arrays already placed there stay."""
 
     def place_batch(self, batch) -> Batch:
         """A global batch (x, y, valid numpy (A, B, T)) on the devices."""
@@ -85,6 +93,9 @@ class SingleDevice(_OneCopy):
     def describe(self) -> str:
         return f"1 {jax.devices()[0].platform.upper()} device"
 
+    def init_state(self, init: Callable[[], TrainState]) -> TrainState:
+        return jax.jit(init)()
+
     def place_state(self, state: TrainState) -> TrainState:
         return jax.device_put(state)
 
@@ -106,6 +117,9 @@ class PmapRunner:
 
     def describe(self) -> str:
         return f"{self.n_devices} {self.devices[0].platform.upper()} devices, pmap data parallel"
+
+    def init_state(self, init: Callable[[], TrainState]) -> TrainState:
+        return self.place_state(jax.jit(init)())
 
     def place_state(self, state: TrainState) -> TrainState:
         """One copy per device on a leading axis (pmap distributes it on the first step)."""
@@ -133,79 +147,75 @@ class PmapRunner:
         return {k: float(v[0]) for k, v in metrics.items()}
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    """Shard the largest axis that `fsdp` divides (ties: the first); replicate
-    scalars and arrays with no such axis."""
-    if fsdp == 1 or not shape:
-        return P()
-    candidates = [(size, -i) for i, size in enumerate(shape) if size % fsdp == 0]
-    if not candidates:
-        return P()
-    axis = -max(candidates)[1]
-    return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
-
-
-def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over all (global) devices, data = n_devices / fsdp."""
-    devices = np.asarray(devices if devices is not None else jax.devices())
-    if devices.size % fsdp:
-        raise RunError(f"train.fsdp = {fsdp} does not divide the {devices.size} devices")
-    return Mesh(devices.reshape(devices.size // fsdp, fsdp), AXES)
-
-
 class MeshRunner(_OneCopy):
-    """jit over a ("data", "fsdp") mesh: data parallel and FSDP in one program."""
+    """jit over a ("data", "fsdp", "tensor") mesh: data parallel, FSDP and
+    tensor parallel in one program."""
 
-    def __init__(self, fsdp: int = 1, devices=None):
-        self.mesh = make_mesh(fsdp, devices)
-        self.fsdp = fsdp
+    def __init__(self, cfg: ModelConfig, fsdp: int = 1, tensor: int = 1, devices=None):
+        self.layout = Layout(make_mesh(fsdp, tensor, devices), cfg)
+        self.mesh = self.layout.mesh
         self.n_devices = self.mesh.devices.size
-        self.batch_sharding = NamedSharding(self.mesh, P(None, AXES, None))  # (A, B, T): B over every device
+        self.batch_sharding = self.layout.batch_sharding()
         self.replicated = NamedSharding(self.mesh, P())
+        self.data_parallel = fsdp == tensor == 1
         self._step = None
 
     def describe(self) -> str:
-        data, fsdp = self.mesh.devices.shape
-        return (f"{self.n_devices} {self.mesh.devices.flat[0].platform.upper()} devices, mesh data {data}"
-                + (f" x fsdp {fsdp}" if fsdp > 1 else " (data parallel)"))
+        sizes = self.layout.sizes
+        split = " x ".join(f"{axis} {n}" for axis, n in sizes.items() if n > 1 and axis != "data")
+        return (f"{self.n_devices} {self.mesh.devices.flat[0].platform.upper()} devices, mesh data {sizes['data']}"
+                + (f" x {split}" if split else " (data parallel)"))
 
     def state_sharding(self, state: TrainState) -> TrainState:
-        return jax.tree_util.tree_map(lambda a: NamedSharding(self.mesh, fsdp_spec(a.shape, self.fsdp)), state)
+        return self.layout.state_shardings(state)
+
+    def init_state(self, init: Callable[[], TrainState]) -> TrainState:
+        """Sharded from birth: each device computes only its shards (JAX's
+        partitionable threefry draws the same numbers as an unsharded init)."""
+        return jax.jit(init, out_shardings=self.state_sharding(jax.eval_shape(init)))()
 
     def place_state(self, state: TrainState) -> TrainState:
         sharding = self.state_sharding(state)
-        if self.fsdp == 1:  # plain data parallelism: each device runs step_fn on its rows
+
+        def place(a, s):
+            if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(s, a.ndim):
+                return a  # already there (a sharded init or restore)
+            if jax.process_count() == 1:
+                return jax.device_put(a, s)
+            return jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a[idx]))
+        return jax.tree_util.tree_map(place, state, sharding)
+
+    def compile_step(self, state: TrainState):
+        """The jitted step for states shaped like `state` (arrays or ShapeDtypeStructs: jaxgpt.plan)."""
+        if self.data_parallel:  # each device runs step_fn on its rows
             # check_vma=False: with it on, JAX psums the gradients of replicated params itself and
             # step_fn's own psum would count them twice (tests compare grad norms with one device)
-            local_step = jax.shard_map(functools.partial(step_fn, axis_name=AXES), mesh=self.mesh,
-                                       in_specs=(P(), P(None, AXES, None), P()), out_specs=(P(), P()),
+            local_step = jax.shard_map(functools.partial(step_fn, axis_name=DATA_AXES), mesh=self.mesh,
+                                       in_specs=(P(), self.batch_sharding.spec, P()), out_specs=(P(), P()),
                                        check_vma=False)
-            self._step = jax.jit(local_step, donate_argnums=0)
-        else:
-            self._step = jax.jit(step_fn, in_shardings=(sharding, self.batch_sharding, self.replicated),
-                                 out_shardings=(sharding, self.replicated), donate_argnums=0)
-        if jax.process_count() == 1:
-            return jax.device_put(state, sharding)
-        # every process holds the whole (host) state; each keeps its shards
-        return jax.tree_util.tree_map(
-            lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]),
-            state, sharding)
+            return jax.jit(local_step, donate_argnums=0)
+        sharding = self.state_sharding(state)
+        return jax.jit(step_fn, in_shardings=(sharding, self.batch_sharding, self.replicated),
+                       out_shardings=(sharding, self.replicated), donate_argnums=0)
 
     def place_batch(self, batch) -> Batch:
         """Each process passes only the rows its devices hold."""
+        rows = self.layout.batch_devices
         if jax.process_count() == 1:
-            return tuple(jax.device_put(tuple(_check_rows(np.asarray(a), self.n_devices) for a in batch),
+            return tuple(jax.device_put(tuple(_check_rows(np.asarray(a), rows) for a in batch),
                                         self.batch_sharding))
         arrays = []
         for a in batch:
-            a = _check_rows(np.asarray(a), self.n_devices)
-            rows = sorted({idx[1].indices(a.shape[1])[:2] for idx in
-                           self.batch_sharding.addressable_devices_indices_map(a.shape).values()})
-            local = np.concatenate([a[:, start:stop] for start, stop in rows], axis=1)
+            a = _check_rows(np.asarray(a), rows)
+            spans = sorted({idx[1].indices(a.shape[1])[:2] for idx in
+                            self.batch_sharding.addressable_devices_indices_map(a.shape).values()})
+            local = np.concatenate([a[:, start:stop] for start, stop in spans], axis=1)
             arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, local, a.shape))
         return tuple(arrays)
 
     def step(self, state: TrainState, batch: Batch, rng: jax.Array):
+        if self._step is None:
+            self._step = self.compile_step(state)
         return self._step(state, batch, jax.device_put(rng, self.replicated))
 
 
@@ -223,20 +233,21 @@ def gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def make_runner(cfg: TrainConfig) -> Runner:
+def make_runner(cfg: TrainConfig, model: ModelConfig) -> Runner:
     """The runner train.parallel asks for; "auto" is a data-parallel (and,
-    with train.fsdp, parameter-sharded) mesh over every device when there are
-    several, else the single device."""
+    with train.fsdp / train.tensor, sharded) mesh over every device when there
+    are several, else the single device."""
     devices = jax.devices()
     if cfg.cpu_devices and devices[0].platform == "cpu" and jax.process_count() == 1:
         devices = devices[:cfg.cpu_devices]  # as asked, also where JAX was started with more (a live process)
     if cfg.parallel == "single" or (cfg.parallel == "auto" and len(devices) == 1):
         return SingleDevice()
     n = min(len(devices), jax.local_device_count()) if cfg.parallel == "pmap" else len(devices)
-    if cfg.batch_size % n:
-        raise RunError(f"train.batch_size {cfg.batch_size} is not divisible by the {n} devices "
+    rows = n // cfg.tensor if cfg.parallel != "pmap" and n % cfg.tensor == 0 else n
+    if cfg.batch_size % rows:
+        raise RunError(f"train.batch_size {cfg.batch_size} is not divisible by the {rows} devices "
                        f"(on a CPU host: set train.cpu_devices to a divisor of it)")
-    return PmapRunner(devices[:n]) if cfg.parallel == "pmap" else MeshRunner(cfg.fsdp, devices)
+    return PmapRunner(devices[:n]) if cfg.parallel == "pmap" else MeshRunner(model, cfg.fsdp, cfg.tensor, devices)
 
 
 def cpu_device_count(cfg: TrainConfig, cores: int | None = None) -> int:

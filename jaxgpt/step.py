@@ -28,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 from gptcore.config import ModelConfig
 from gptcore.train_config import TrainConfig
 from jaxgpt import ops
-from jaxgpt.model import GPT
+from jaxgpt.model import GPT, init_params, stack_layers
 from jaxgpt.optim import lr_schedule, make_optimizer
 
 Batch = tuple[jax.Array, jax.Array, jax.Array]  # x, y int32 and valid bool, each (A, B, T)
@@ -59,6 +59,14 @@ def create_state(model: GPT, params, cfg: TrainConfig) -> TrainState:
     tx = make_optimizer(cfg)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), model=model,
                       tx=tx, schedule=lr_schedule(cfg))
+
+
+def fresh_state(model: GPT, mc: ModelConfig, cfg: TrainConfig) -> TrainState:
+    """A new run's state: init_params(mc, cfg.seed) (the unrolled layers,
+    stacked for scan_layers: the same initial weights either way) and a fresh
+    optimizer. Traceable, so a runner can jit it with output shardings."""
+    params = init_params(mc, cfg.seed)
+    return create_state(model, stack_layers(params, mc.n_layers) if model.scan_layers else params, cfg)
 
 
 def loss_fn(params, model: GPT, x, y, valid, rng, n_total, n_micro):

@@ -49,7 +49,7 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def restore(self, state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-        """The checkpointed state (host arrays shaped like `state`'s) and loop
+        """The checkpointed state (arrays placed like `state`'s) and loop
         state of `step`, by default of the newest checkpoint that reads back.
         Newer ones that do not (cut short by a crash or a full disk) are
         renamed STEP.corrupt-TIME with a warning, never deleted; if none reads
@@ -76,8 +76,8 @@ class Checkpoints:
                                 f"model (newest, step {failed[0][0]}: {failed[0][1]})")
 
     def _restore(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
-        target = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
-                                        {"step": state.step, "params": state.params, "opt_state": state.opt_state})
+        target = jax.tree_util.tree_map(_target, {"step": state.step, "params": state.params,
+                                                  "opt_state": state.opt_state})
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                       loop=ocp.args.JsonRestore()))
         arrays = restored["state"]
@@ -91,3 +91,12 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _target(a):
+    """Where orbax restores a leaf of `a`'s kind: a device array into its
+    sharding (each process reads only its shards: no full host copy), a host
+    array into host memory."""
+    if isinstance(a, jax.Array):
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+    return np.zeros(np.shape(a), np.asarray(a).dtype)

@@ -1,7 +1,9 @@
-"""Parallel training equals single-device training: pmap over 4 simulated
-devices, a (data, fsdp) mesh with fsdp 1, 2 and 4, and two processes on
-127.0.0.1 (gloo) against one. Each case runs in a subprocess because the
-device count is fixed when jax starts."""
+"""Parallel training equals single-device training over 20 steps with
+gradient accumulation and clipping: pmap over 4 simulated devices, every
+(data, fsdp, tensor) mesh shape the scale-out work names on 8, for a dense
+and a GQA model, and two processes on 127.0.0.1 (gloo) with fsdp and tensor
+axes. Each case runs in a subprocess because the device count is fixed when
+jax starts."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ import numpy as np
 import pytest
 from helpers import REPO, SHAKESPEARE
 
-# Three steps of a tiny model with grad accumulation and clipping, on each
-# runner named in argv[1] (comma-separated); params go to argv[2]/KIND.npz (process 0).
+# Each run named in argv[1] (comma-separated "MODEL/KIND": KIND is single, pmap or FSDP.TENSOR, a
+# mesh) trains 20 steps and writes argv[2]/MODEL-KIND.npz on process 0: per-step loss and grad
+# norm, the final params, the state's bytes in all and on the first device.
 SCRIPT = r"""
 import sys, jax, numpy as np
-kinds, out = sys.argv[1], sys.argv[2]
+runs, out = sys.argv[1], sys.argv[2]
 if len(sys.argv) > 3:  # multi-process: coordinator, num_processes, process_id
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
@@ -28,27 +31,43 @@ from gptcore.config import ModelConfig
 from gptcore.train_config import TrainConfig
 import jaxgpt.step as js
 from jaxgpt import runners
-from jaxgpt.model import GPT, init_params
-mc = ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
-tc = TrainConfig(batch_size=8, grad_accum=2, warmup_steps=1, max_steps=3, lr=1e-2, grad_clip=0.5)
-make = {"single": lambda: runners.SingleDevice(), "pmap": lambda: runners.PmapRunner(),
-           "mesh1": lambda: runners.MeshRunner(1), "mesh2": lambda: runners.MeshRunner(2),
-           "mesh4": lambda: runners.MeshRunner(4)}
-for kind in kinds.split(","):
-    runner = make[kind]()
-    state = runner.place_state(js.create_state(GPT(mc), init_params(mc, 0), tc))
-    for step in range(3):
+models = {  # dense: MHA, tied embeddings; gqa: 2 KV heads for 8 query heads, untied, scanned layers
+    "dense": (ModelConfig(vocab_size=64, context_length=16, d_model=64, n_layers=2, n_heads=8, d_ff=128,
+                          qkv_fused=False), False),
+    "gqa": (ModelConfig(vocab_size=64, context_length=16, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2,
+                        d_ff=96, position="rope", mlp="swiglu", norm="rmsnorm", qkv_fused=False,
+                        tie_embeddings=False), True)}
+for run in runs.split(","):
+    name, kind = run.split("/")
+    mc, scan = models[name]
+    tc = TrainConfig(batch_size=8, grad_accum=2, warmup_steps=2, max_steps=20, lr=1e-3, grad_clip=0.5,
+                     scan_layers=scan)
+    if kind in ("single", "pmap"):
+        runner = runners.SingleDevice() if kind == "single" else runners.PmapRunner()
+    else:
+        fsdp, tensor = map(int, kind.split("."))
+        runner = runners.MeshRunner(mc, fsdp, tensor)
+    state = runner.init_state(lambda: js.fresh_state(js.make_model(mc, tc), mc, tc))
+    leaves = jax.tree_util.tree_leaves(state)
+    total = sum(a.nbytes for a in leaves)
+    first = sum(a.addressable_shards[0].data.nbytes if isinstance(a, jax.Array) else a.nbytes for a in leaves)
+    losses, norms = [], []
+    for step in range(20):
+        # learnable sequences (random targets leave Adam amplifying float32 noise): counting by 1..3
         rng = np.random.default_rng(step)
-        x, y = (rng.integers(0, 64, (2, 8, 16)).astype(np.int32) for _ in range(2))
+        start, stride = rng.integers(0, 64, (2, 8, 1)), rng.integers(1, 4, (2, 8, 1))
+        seq = ((start + stride * np.arange(17)) % 64).astype(np.int32)
+        x, y = seq[..., :-1], seq[..., 1:]
         state, m = runner.step(state, runner.place_batch((x, y, np.ones(x.shape, bool))), js.step_key(0, step))
+        metrics = runner.metrics(m)
+        losses.append(metrics["loss"])
+        norms.append(metrics["grad_norm"])
     params = runners.gather(runner.checkpoint_state(state).params)
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-        metrics = runner.metrics(m)
-        np.savez(f"{out}/{kind}.npz", loss=metrics["loss"], grad_norm=metrics["grad_norm"], **flat)
+        np.savez(f"{out}/{name}-{kind}.npz", loss=losses, grad_norm=norms, total_bytes=total, first_bytes=first,
+                 **flat)
 """
-
-
 def run(args: list[str], devices: int) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, "-c", SCRIPT, *args], cwd=REPO, env=env,
@@ -56,7 +75,7 @@ def run(args: list[str], devices: int) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen) -> None:
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
 
 
@@ -65,51 +84,120 @@ def load(path: Path) -> dict:
         return {k: f[k] for k in f.files}
 
 
-def assert_same(a: dict, b: dict, rtol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert np.linalg.norm(a[k] - b[k]) <= rtol * np.linalg.norm(b[k]), k
+def assert_same(got: dict, want: dict, what: str, rtol: float = 1e-5) -> None:
+    """Losses and grad norms of every step, and the final params as one
+    vector, to rtol (float32 reassociation: each mesh sums in its own order);
+    each param leaf to 1e-3 (a zero-initialised bias is small, and Adam's
+    first steps move even its noise-sized gradients by lr: a leaf the mesh
+    got wrong is off by far more)."""
+    params = sorted(k for k in want if k.startswith("["))
+    assert params and params == sorted(k for k in got if k.startswith("["))
+    for k in ("loss", "grad_norm"):
+        # clipping and Adam hide a gradient summed twice from the params: the norm does not
+        np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=0, err_msg=f"{what}: {k}")
+    flat_got, flat_want = (np.concatenate([t[k].ravel() for k in params]) for t in (got, want))
+    assert np.linalg.norm(flat_got - flat_want) <= rtol * np.linalg.norm(flat_want), what
+    for k in params:
+        assert np.linalg.norm(got[k] - want[k]) <= 1e-3 * np.linalg.norm(want[k]), (what, k)
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
+def reference(tmp_path_factory) -> Path:
+    """One device's runs of both models."""
     path = tmp_path_factory.mktemp("ref")
-    finish(run(["single", str(path)], 1))
-    return load(path / "single.npz")
+    finish(run(["dense/single,gqa/single", str(path)], 1))
+    return path
 
 
-def test_pmap_and_mesh_equal_single_device(reference, tmp_path):
-    """pmap data parallel, mesh data parallel (fsdp 1), and FSDP over 2 and 4
-    devices, all on 4 devices, give the single device's params and loss."""
-    kinds = ("pmap", "mesh1", "mesh2", "mesh4")
-    finish(run([",".join(kinds), str(tmp_path)], 4))
+def test_pmap_and_data_fsdp_meshes_equal_single_device(reference, tmp_path):
+    """pmap data parallel, mesh data parallel (shard_map), and FSDP over 2
+    and 4 devices, all on 4 devices."""
+    kinds = ("pmap", "1.1", "2.1", "4.1")
+    finish(run([",".join(f"dense/{k}" for k in kinds), str(tmp_path)], 4))
     for kind in kinds:
-        got = load(tmp_path / f"{kind}.npz")
-        assert_same(got, reference)
-        assert got["loss"] == pytest.approx(float(reference["loss"]), rel=1e-5), kind
-        # clipping and Adam hide a gradient summed twice from the params: the norm does not
-        assert got["grad_norm"] == pytest.approx(float(reference["grad_norm"]), rel=1e-5), kind
+        assert_same(load(tmp_path / f"dense-{kind}.npz"), load(reference / "dense-single.npz"), kind)
 
 
-def test_fsdp_shards_the_largest_divisible_axis():
+# FSDP.TENSOR on 8 devices: data 8; fsdp 8; fsdp 4 x tensor 2; data 2 x tensor 4; data 2 x fsdp 2 x tensor 2
+MESHES_8 = ("1.1", "8.1", "4.2", "1.4", "2.2")
+
+
+@pytest.mark.parametrize("model", ["dense", "gqa"])
+def test_every_mesh_on_8_devices_equals_single_device(model, reference, tmp_path):
+    """Each mesh shape trains the single device's run, from a state created
+    sharded (so the sharded init is the single-device init too). The GQA
+    model has 2 KV heads: tensor 4 replicates its KV projections. And the
+    state really is split: the first device holds about 1 / (fsdp x tensor)
+    of it (norm gains and the other small vectors are replicated)."""
+    finish(run([",".join(f"{model}/{k}" for k in MESHES_8), str(tmp_path)], 8))
+    want = load(reference / f"{model}-single.npz")
+    for kind in MESHES_8:
+        got = load(tmp_path / f"{model}-{kind}.npz")
+        assert_same(got, want, f"{model} on mesh fsdp.tensor={kind}")
+        fsdp, tensor = map(int, kind.split("."))
+        share = float(got["first_bytes"]) / float(got["total_bytes"])
+        assert share < 1.25 / (fsdp * tensor), (kind, share)
+
+
+def test_layout_follows_the_logical_axis_rules():
+    """Megatron-style tensor sharding, FSDP over the embedding dimension,
+    optimizer moments laid out like their params, and the fallbacks: a
+    dimension the axis does not divide, or KV heads fewer than the tensor
+    axis, stay whole."""
+    import jax
+    from jax.sharding import AbstractMesh
     from jax.sharding import PartitionSpec as P
 
-    from jaxgpt.runners import fsdp_spec
-    assert fsdp_spec((64, 128), 4) == P(None, "fsdp")
-    assert fsdp_spec((128, 64), 4) == P("fsdp", None)
-    assert fsdp_spec((6,), 4) == P() and fsdp_spec((), 4) == P() and fsdp_spec((64, 128), 1) == P()
+    from gptcore.config import ModelConfig
+    from gptcore.train_config import TrainConfig
+    from jaxgpt import step
+    from jaxgpt.sharding import MESH_AXES, Layout
+    mc = ModelConfig(vocab_size=66, context_length=16, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=96,
+                     mlp="swiglu", qkv_fused=False, tie_embeddings=False)
+    tc = TrainConfig(scan_layers=True)
+    shapes = jax.eval_shape(lambda: step.fresh_state(step.make_model(mc, tc), mc, tc))
+
+    def specs(fsdp, tensor):
+        layout = Layout(AbstractMesh((8 // (fsdp * tensor), fsdp, tensor), MESH_AXES), mc)
+        return {jax.tree_util.keystr(k): s.spec for k, s in
+                jax.tree_util.tree_leaves_with_path(layout.state_shardings(shapes))}
+
+    got = specs(4, 2)
+    attn, mlp = "['blocks']['attn']", "['blocks']['mlp']"
+    assert got[f".params{attn}['q_proj']['kernel']"] == P(None, "fsdp", "tensor")  # (L, C, H*D): column
+    assert got[f".params{attn}['out_proj']['kernel']"] == P(None, "tensor", "fsdp")  # (L, H*D, C): row
+    assert got[f".params{attn}['k_proj']['kernel']"] == P(None, "fsdp", "tensor")  # 2 KV heads over tensor 2
+    assert got[f".params{mlp}['gate']['kernel']"] == P(None, "fsdp", "tensor")
+    assert got[f".params{mlp}['down']['kernel']"] == P(None, "tensor", "fsdp")
+    assert got[".params['tok_emb']['embedding']"] == P("tensor", "fsdp")  # (V, C)
+    assert got[".params['lm_head']['kernel']"] == P("fsdp", "tensor")  # (C, V)
+    assert got[".params['norm_f']['scale']"] == P() and got[".step"] == P()
+    moments = {k: v for k, v in got.items() if ".mu" in k or ".nu" in k}
+    assert len(moments) == 2 * len([k for k in got if k.startswith(".params")])
+    assert all(v == got[".params" + k[k.index("['"):]] for k, v in moments.items())
+    got = specs(2, 4)
+    assert got[f".params{attn}['k_proj']['kernel']"] == P(None, "fsdp")  # 2 KV heads, tensor 4: replicated
+    assert got[f".params{attn}['q_proj']['kernel']"] == P(None, "fsdp", "tensor")
+    assert got[f".params{mlp}['up']['kernel']"] == P(None, "fsdp", "tensor")  # 96 over 4
+    specs_8 = specs(8, 1)
+    assert specs_8[".params['tok_emb']['embedding']"] == P(None, "fsdp")
+    assert Layout(AbstractMesh((1, 1, 4), MESH_AXES), mc.replace(vocab_size=66)).spec(("vocab", "embed"),
+                                                                                      (66, 64)) == P()
 
 
 def test_two_processes_equal_one(reference, tmp_path):
-    """Two processes with 2 devices each (FSDP over the 4 global devices,
-    gloo collectives) give the single process's params."""
+    """Two processes with 2 devices each, gloo collectives: FSDP over the 4
+    global devices, and fsdp 2 x tensor 2 for both models."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [run(["mesh2", str(tmp_path), f"127.0.0.1:{port}", "2", str(pid)], 2) for pid in range(2)]
+    runs = "dense/4.1,dense/2.2,gqa/2.2"
+    procs = [run([runs, str(tmp_path), f"127.0.0.1:{port}", "2", str(pid)], 2) for pid in range(2)]
     for proc in procs:
         finish(proc)
-    assert_same(load(tmp_path / "mesh2.npz"), reference)
+    for one in runs.split(","):
+        model, kind = one.split("/")
+        assert_same(load(tmp_path / f"{model}-{kind}.npz"), load(reference / f"{model}-single.npz"), one)
 
 
 def test_cpu_devices_divide_the_batch():

@@ -1,0 +1,197 @@
+"""Will a config fit a mesh? Find out before renting one:
+
+    python -m jaxgpt.plan --config llama2_7b --devices 64 train.fsdp=16 train.tensor=4
+
+lowers and compiles the real train step (jaxgpt.runners.MeshRunner's, the
+one `python -m jaxgpt.train` runs) ahead of time for N simulated CPU
+devices, from abstract shapes: nothing the size of the model is allocated.
+It prints, per device: parameter and optimizer-state bytes (from the
+shardings), XLA's temporary bytes (its buffer assignment, CPU backend: an
+accelerator's compiler fuses and schedules differently, so read it as an
+estimate), the FLOPs of one step and the bytes the collectives produce,
+with while-loop bodies (scanned layers, micro-batches) counted once per
+iteration; and the model's parameter count. MaxText's ahead-of-time
+compile is the model for this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+from gptcore.budget import param_count
+from gptcore.cli import Parser, guarded
+from gptcore.config import ModelConfig
+from gptcore.errors import UserError
+from gptcore.presets import load_config
+from gptcore.train_config import TrainConfig
+
+GB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Plan:
+    devices: int
+    mesh: str  # "data 4 x fsdp 16 x tensor 1"
+    params: int  # the model's parameter count
+    param_bytes: int  # per device, as sharded
+    optimizer_bytes: int  # per device
+    temp_bytes: int  # per device, XLA's buffer assignment
+    flops: float  # per device, one optimizer step
+    collective_bytes: int  # per device, one optimizer step
+    compile_s: float
+
+    @property
+    def analytic_state_bytes(self) -> float:
+        """fp32 params and two fp32 AdamW moments, evenly split: (4 + 8) x params / devices."""
+        return 12 * self.params / self.devices
+
+
+def make_plan(mc: ModelConfig, tc: TrainConfig, devices: list) -> Plan:
+    """Compile one train step of (mc, tc) for `devices` from abstract shapes."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxgpt.runners import MeshRunner
+    from jaxgpt.step import fresh_state, make_model
+
+    runner = MeshRunner(mc, tc.fsdp, tc.tensor, devices)
+    shapes = jax.eval_shape(functools.partial(fresh_state, make_model(mc, tc), mc, tc))
+    shardings = runner.state_sharding(shapes)
+    state = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                   shapes, shardings)
+    A, B, T = tc.grad_accum, tc.batch_size, mc.context_length
+    if B % runner.layout.batch_devices:
+        raise UserError(f"train.batch_size {B} is not divisible by the {runner.layout.batch_devices} devices "
+                        f"the batch is split over (data x fsdp)")
+    batch = tuple(jax.ShapeDtypeStruct((A, B, T), dtype, sharding=runner.batch_sharding)
+                  for dtype in (jnp.int32, jnp.int32, jnp.bool_))
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=runner.replicated)
+    start = time.perf_counter()
+    compiled = runner.compile_step(shapes).lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+
+    def per_device(tree) -> int:
+        return sum(math.prod(s.sharding.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize
+                   for s in jax.tree_util.tree_leaves(tree))
+
+    memory = compiled.memory_analysis()
+    text = compiled.as_text()
+    sizes = runner.layout.sizes
+    return Plan(devices=len(devices), mesh=" x ".join(f"{axis} {n}" for axis, n in sizes.items()),
+                params=param_count(mc), param_bytes=per_device(state.params),
+                optimizer_bytes=per_device(state.opt_state), temp_bytes=int(memory.temp_size_in_bytes),
+                flops=hlo_flops(compiled), collective_bytes=collective_bytes(text), compile_s=compile_s)
+
+
+def hlo_flops(compiled) -> float:
+    """XLA's FLOP count of the compiled (per-device) program."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+# -- collectives in the compiled HLO -----------------------------------------------------------------------
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+               "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_COLLECTIVE = re.compile(r"= (.+?) (?:all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                         r"(?:-done)?\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_CALLEE = re.compile(r"\b(?:body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def collective_bytes(hlo: str) -> int:
+    """Bytes of the results of every collective one run of the HLO module
+    executes (per device): an op inside a while body counts once per
+    iteration (XLA's known trip count), one in a called computation once per
+    call. Asynchronous pairs count at their -done."""
+    bodies: dict[str, list[str]] = {}
+    entry, name = None, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header and not line.startswith(" "):
+            name = header.group(2)
+            bodies[name] = []
+            entry = name if header.group(1) else entry
+        elif name is not None and line.startswith(" "):
+            bodies[name].append(line)
+
+    @functools.lru_cache(maxsize=None)
+    def total(comp: str) -> int:
+        count = 0
+        for line in bodies.get(comp, ()):
+            if (m := _COLLECTIVE.search(line)) is not None:
+                count += sum(_ITEM_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                             for dtype, dims in _ARRAY.findall(m.group(1)))
+            callees = _CALLEE.findall(line)
+            for group in _BRANCHES.findall(line):
+                callees += [c.strip().lstrip("%") for c in group.split(",")]
+            trips = int(t.group(1)) if (t := _TRIP.search(line)) and " while(" in line else 1
+            count += sum(total(c) * (trips if f"body=%{c}" in line or f"body={c}" in line else 1)
+                         for c in callees if c in bodies and c != comp)
+        return count
+
+    return total(entry) if entry else 0
+
+
+# -- the command line --------------------------------------------------------------------------------------
+def report(plan: Plan) -> str:
+    state = plan.param_bytes + plan.optimizer_bytes
+    rows = [("mesh", f"{plan.mesh} ({plan.devices} devices)"),
+            ("parameters", f"{plan.params:,}"),
+            ("per device: params", _gb(plan.param_bytes)),
+            ("per device: optimizer state", _gb(plan.optimizer_bytes)),
+            ("per device: params + optimizer", f"{_gb(state)} (analytic (4 + 8) x params / devices: "
+                                               f"{_gb(plan.analytic_state_bytes)}, "
+                                               f"{state / plan.analytic_state_bytes:.3f}x)"),
+            ("per device: temporaries (XLA)", _gb(plan.temp_bytes)),
+            ("per device: total", _gb(state + plan.temp_bytes)),
+            ("per device: FLOPs / step", f"{plan.flops:.3e}"),
+            ("per device: collectives / step", _gb(plan.collective_bytes)),
+            ("compile time", f"{plan.compile_s:.1f} s")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:,.3f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="python -m jaxgpt.plan",
+                    description="Compile a config's train step ahead of time for N simulated devices and "
+                                "report per-device memory, FLOPs and collective traffic.")
+    parser.add_argument("--config", required=True, help="preset name or TOML path")
+    parser.add_argument("--devices", type=int, required=True, help="devices of the mesh (simulated on the CPU)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (train.fsdp=.., train.tensor=..)")
+    args = parser.parse_args(argv)
+    return guarded(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> None:
+    if not 1 <= args.devices <= 4096:
+        raise UserError(f"--devices must be in [1, 4096], got {args.devices}")
+    config = load_config(args.config, args.overrides)
+    mc, tc = config["model"], config["train"]
+    import jax
+    try:  # simulated devices on the CPU, whatever accelerator this host has
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    except RuntimeError:
+        pass  # JAX already started (in a live process): plan on the devices it has
+    devices = jax.devices()
+    if len(devices) < args.devices:
+        raise UserError(f"JAX already runs with {len(devices)} devices; run the plan in a new process")
+    print(report(make_plan(mc, tc, devices[:args.devices])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
