@@ -45,6 +45,9 @@ class Engine(Protocol):
     def describe(self) -> str:
         """The devices it trains on, one line."""
 
+    def barrier(self, name: str) -> None:
+        """Wait until every process of the run gets here (no-op for one process)."""
+
     def n_params(self) -> int: ...
 
     def restore(self) -> tuple[int, dict]:
@@ -93,7 +96,12 @@ def _train(run: Run, engine: Engine) -> dict:
     tc, out, lead = run.train, run.out_dir, engine.lead
     say = print if lead else (lambda *args, **kwargs: None)
     T = run.model.context_length
-    train_tokens, val_tokens = training.prepare_data(run)  # a corpus shorter than a window fails here
+    # a corpus shorter than a window fails here; the lead encodes first, so processes sharing the
+    # run directory find its files made, and processes on a disk of their own make their own
+    train_tokens, val_tokens = training.prepare_data(run) if lead else (None, None)
+    engine.barrier("data")
+    if not lead:
+        train_tokens, val_tokens = training.prepare_data(run)
     batches = training.TrainBatches(train_tokens, T, tc, run.data)
     evals = training.val_batches(val_tokens, T, tc)
     if run.mode != "resume" and lead:

@@ -75,6 +75,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # latest checkpoints kept (the best one is kept as well)
     portable_state: bool = True  # also write checkpoints/portable.safetensors (params + Adam moments, 3x the
     # params) at each checkpoint, so the other twin can --resume the run (gptcore.train_state)
+    async_checkpoint: bool = False  # jaxgpt: write checkpoints in the background while training goes on (a
+    # checkpoint that exists is still complete); torchgpt saves synchronously
     init_from: str | None = None  # model or run directory to fine-tune from (params only)
     sample_tokens: int = 200  # tokens sampled at the end of training; 0: none
     sample_temperature: float = 0.8

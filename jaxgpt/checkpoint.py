@@ -43,7 +43,7 @@ def save_model(directory: str | Path, params, cfg: ModelConfig, tokenizer_file: 
     params = jax.device_get(unstack_layers(params))
 
     def write_weights(tmp: Path) -> None:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _this_process_checkpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
         safetensors.numpy.save_file(state_arrays(params), tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
@@ -73,12 +73,21 @@ def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[Mod
     if not (directory / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory")
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _this_process_checkpointer() as ckptr:
             params = ckptr.restore(directory / PARAMS_DIR, target)
     except Exception as e:  # orbax raises many types for truncated / foreign files
         raise CheckpointError(f"{directory}: cannot restore params ({e.__class__.__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return _finish(directory, cfg, params, scan_layers)
+
+
+def _this_process_checkpointer() -> ocp.StandardCheckpointer:
+    """orbax for host arrays this process writes or reads alone: under
+    jax.distributed the lead exports while the others do not, and a default
+    checkpointer would wait for them at its barriers."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
 def _finish(directory: Path, cfg: ModelConfig, params, scan_layers: bool):

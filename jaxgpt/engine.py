@@ -46,8 +46,14 @@ class JaxEngine:
     @property
     def checkpoints(self) -> Checkpoints:  # made on first use: a run that fails in setup leaves no checkpoints/
         if self._checkpoints is None:
-            self._checkpoints = Checkpoints(self.run.out_dir / "checkpoints", self.run.train.keep_checkpoints)
+            self._checkpoints = Checkpoints(self.run.out_dir / "checkpoints", self.run.train.keep_checkpoints,
+                                            self.run.train.async_checkpoint)
         return self._checkpoints
+
+    def barrier(self, name: str) -> None:
+        if self.processes > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(name)
 
     def describe(self) -> str:
         return self.runner.describe()
@@ -104,12 +110,12 @@ class JaxEngine:
     def load_best(self, best_step: int, step: int) -> None:
         params = self.runner.eval_params(self.state)
         if 0 <= best_step != step:  # the best checkpoint is an earlier one
-            if best_step in self.checkpoints.manager.all_steps():
+            if best_step in self.checkpoints.all_steps():
                 params = self.checkpoints.restore(self.runner.checkpoint_state(self.state), best_step)[0].params
             else:  # written by the other twin before this one resumed the run
                 print(f"warning: the best checkpoint (step {best_step}) is not among jaxgpt's; exporting the "
                       f"weights after step {step}", file=sys.stderr)
-        self.best_params = gather(params)
+        self.best_params = gather(params, keep=self.lead)  # only the lead exports and samples
 
     def export(self, directory: Path, tokenizer_file: Path) -> None:
         save_model(directory, self.best_params, self.run.model, tokenizer_file, overwrite=True)

@@ -22,6 +22,7 @@ from gptcore.config import ModelConfig
 from jaxgpt import ops
 from jaxgpt.layers import dense, embedding_init, kernel_ops
 from jaxgpt.positions import KINDS
+from jaxgpt.sharding import constrain
 
 Cache = dict[str, jax.Array]
 
@@ -92,9 +93,9 @@ class Attention(nn.Module):
             q = self.dense(c.d_model, c.q_dim, c.qkv_bias, "q_proj")(x)
             k = self.dense(c.d_model, c.kv_dim, c.qkv_bias, "k_proj")(x)
             v = self.dense(c.d_model, c.kv_dim, c.qkv_bias, "v_proj")(x)
-        q = q.reshape(B, T, H, D)  # (B, T, H, D)
-        k = k.reshape(B, T, K, D)  # (B, T, K, D)
-        v = v.reshape(B, T, K, D)  # (B, T, K, D)
+        q = constrain(q.reshape(B, T, H, D), "batch", "length", "act_heads", None)  # (B, T, H, D)
+        k = constrain(k.reshape(B, T, K, D), "batch", "length", "act_kv_heads", None)  # (B, T, K, D)
+        v = constrain(v.reshape(B, T, K, D), "batch", "length", "act_kv_heads", None)  # (B, T, K, D)
         q, k = KINDS[c.position].rotate(c, q, k, positions)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, D): head-major, as cached
         if layer_cache is not None:  # write the new keys at slots [end, end + T)
@@ -109,7 +110,7 @@ class Attention(nn.Module):
         rng = self._rng(c.attn_dropout)
         keep = None if rng is None else ops.dropout_keep_mask(rng, c.attn_dropout, (B, K, H // K, T, k.shape[2]))
         out = kernel_ops(self.kernels).attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, keep, c.attn_dropout)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
+        out = constrain(out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D), "batch", "length", "act_heads")
         return self._out_proj(out.astype(self.dtype)), layer_cache  # (B, T, C)
 
     def _out_proj(self, out):  # (B, T, H*D) -> (B, T, C); attn_out_proj False: the concatenated heads (seed 003)
@@ -156,6 +157,7 @@ class MLP(nn.Module):
             h = ops.activation("silu", linear(c.d_model, c.d_ff, "gate")(x)) * linear(c.d_model, c.d_ff, "up")(x)
         else:
             h = ops.activation(c.mlp, linear(c.d_model, c.d_ff, "up")(x))  # (..., F)
+        h = constrain(h, "batch", "length", "act_mlp")
         rng = None if self.deterministic or c.mlp_dropout == 0.0 else self.make_rng("dropout")
         return linear(c.d_ff, c.d_model, "down", c.residual_init_std)(ops.dropout(h, c.mlp_dropout, rng))
 
@@ -214,6 +216,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, positions, mask, valid, cache_end):
         c = self.cfg
+        x = constrain(x, "batch", "length", "act_embed")  # (B, T, C)
         norm1, norm2 = Norm(c, self.kernels, name="norm1"), Norm(c, self.kernels, name="norm2")
         attn = Attention(c, self.deterministic, self.dtype, self.attention_impl, self.kernels, name="attn")
         mlp = (MoE if c.is_moe else MLP)(c, self.dtype, self.kernels, self.deterministic, name="mlp")
@@ -282,6 +285,7 @@ class GPT(nn.Module):
         x = KINDS[c.position].embed(c, x, positions)  # (B, T, C)
         x = ops.dropout(x, c.embd_dropout, None if deterministic or c.embd_dropout == 0.0
                         else self.make_rng("dropout")).astype(self.dtype)
+        x = constrain(x, "batch", "length", "act_embed")  # (B, T, C)
 
         block = nn.remat(Block) if self.remat else Block
         if self.scan_layers:
@@ -318,7 +322,8 @@ class GPT(nn.Module):
         if cache is not None:
             new_cache = {"k": tuple(k for k, _ in layer_caches), "v": tuple(v for _, v in layer_caches),
                          "positions": kv_positions, "valid": kv_valid, "end": offset + T}
-        return ModelOutput(logits.astype(jnp.float32), new_cache, aux.mean())
+        logits = constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab")
+        return ModelOutput(logits, new_cache, aux.mean())
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, **model_kwargs) -> dict:

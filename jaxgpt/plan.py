@@ -8,9 +8,10 @@ devices, from abstract shapes: nothing the size of the model is allocated.
 It prints, per device: parameter and optimizer-state bytes (from the
 shardings), XLA's temporary bytes (its buffer assignment, CPU backend: an
 accelerator's compiler fuses and schedules differently, so read it as an
-estimate), the FLOPs of one step and the bytes the collectives produce,
-with while-loop bodies (scanned layers, micro-batches) counted once per
-iteration; and the model's parameter count. MaxText's ahead-of-time
+estimate), the matmul FLOPs of one step and the bytes the collectives
+produce, read from the compiled program with while-loop bodies (scanned
+layers, micro-batches) counted once per iteration; and the model's
+parameter count. MaxText's ahead-of-time
 compile is the model for this.
 """
 
@@ -42,7 +43,7 @@ class Plan:
     param_bytes: int  # per device, as sharded
     optimizer_bytes: int  # per device
     temp_bytes: int  # per device, XLA's buffer assignment
-    flops: float  # per device, one optimizer step
+    flops: float  # per device, one optimizer step: matmuls (dot ops) of the compiled program
     collective_bytes: int  # per device, one optimizer step
     compile_s: float
 
@@ -61,6 +62,8 @@ def make_plan(mc: ModelConfig, tc: TrainConfig, devices: list) -> Plan:
     from jaxgpt.runners import MeshRunner
     from jaxgpt.step import fresh_state, make_model
 
+    if tc.kernels == "auto":  # what "auto" means on an accelerator, whatever runs the plan
+        tc = tc.replace(kernels="reference")
     runner = MeshRunner(mc, tc.fsdp, tc.tensor, devices)
     shapes = jax.eval_shape(functools.partial(fresh_state, make_model(mc, tc), mc, tc))
     shardings = runner.state_sharding(shapes)
@@ -82,64 +85,81 @@ def make_plan(mc: ModelConfig, tc: TrainConfig, devices: list) -> Plan:
                    for s in jax.tree_util.tree_leaves(tree))
 
     memory = compiled.memory_analysis()
-    text = compiled.as_text()
+    flops, moved = hlo_counts(compiled.as_text())
     sizes = runner.layout.sizes
     return Plan(devices=len(devices), mesh=" x ".join(f"{axis} {n}" for axis, n in sizes.items()),
                 params=param_count(mc), param_bytes=per_device(state.params),
                 optimizer_bytes=per_device(state.opt_state), temp_bytes=int(memory.temp_size_in_bytes),
-                flops=hlo_flops(compiled), collective_bytes=collective_bytes(text), compile_s=compile_s)
+                flops=flops, collective_bytes=moved, compile_s=compile_s)
 
 
-def hlo_flops(compiled) -> float:
-    """XLA's FLOP count of the compiled (per-device) program."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
-
-
-# -- collectives in the compiled HLO -----------------------------------------------------------------------
+# -- what one run of the compiled HLO does ---------------------------------------------------------------
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
                "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_COLLECTIVE = re.compile(r"= (.+?) (?:all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                         r"(?:-done)?\(")
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-_CALLEE = re.compile(r"\b(?:body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_CALLEE = re.compile(r"\b(body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 
 
-def collective_bytes(hlo: str) -> int:
-    """Bytes of the results of every collective one run of the HLO module
-    executes (per device): an op inside a while body counts once per
-    iteration (XLA's known trip count), one in a called computation once per
-    call. Asynchronous pairs count at their -done."""
+def _arrays(type_text: str) -> list[tuple[str, list[int]]]:
+    return [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims in _ARRAY.findall(type_text)]
+
+
+def hlo_counts(hlo: str) -> tuple[float, int]:
+    """(matmul FLOPs, collective result bytes) of one run of an HLO module
+    (per device for an SPMD program). An op inside a while body counts once
+    per iteration (XLA's known trip count; XLA's own cost analysis counts a
+    loop body once), inside a called or fused computation once per call.
+    An asynchronous collective counts at its -done."""
     bodies: dict[str, list[str]] = {}
-    entry, name = None, None
+    types: dict[str, str] = {}  # instruction -> its result type (names are unique in a module)
+    entry = name = None
     for line in hlo.splitlines():
         header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-        if header and not line.startswith(" "):
+        if header:
             name = header.group(2)
             bodies[name] = []
             entry = name if header.group(1) else entry
-        elif name is not None and line.startswith(" "):
+        elif name is not None and (m := _DEFINITION.match(line)):
             bodies[name].append(line)
+            types[m.group(1)] = m.group(2)
+
+    def own(line: str) -> tuple[float, int]:
+        m = _DEFINITION.match(line)
+        result, op, rest = m.group(2), m.group(3), m.group(4)
+        if op == "dot":
+            lhs = re.match(r"\s*%([\w.\-]+)", rest)
+            dims = _arrays(types.get(lhs.group(1), "")) if lhs else []
+            contracting = _LHS_CONTRACTING.search(line)
+            if dims and contracting:
+                k = math.prod(dims[0][1][int(d)] for d in contracting.group(1).split(",") if d)
+                return 2.0 * math.prod(_arrays(result)[0][1]) * k, 0
+        if op.removesuffix("-done") in _COLLECTIVES:
+            return 0.0, sum(_ITEM_BYTES.get(dtype, 4) * math.prod(dims) for dtype, dims in _arrays(result))
+        return 0.0, 0
 
     @functools.lru_cache(maxsize=None)
-    def total(comp: str) -> int:
-        count = 0
+    def total(comp: str) -> tuple[float, int]:
+        flops, moved = 0.0, 0
         for line in bodies.get(comp, ()):
-            if (m := _COLLECTIVE.search(line)) is not None:
-                count += sum(_ITEM_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-                             for dtype, dims in _ARRAY.findall(m.group(1)))
-            callees = _CALLEE.findall(line)
+            f, b = own(line)
+            callees = [(kind, c) for kind, c in _CALLEE.findall(line)]
             for group in _BRANCHES.findall(line):
-                callees += [c.strip().lstrip("%") for c in group.split(",")]
-            trips = int(t.group(1)) if (t := _TRIP.search(line)) and " while(" in line else 1
-            count += sum(total(c) * (trips if f"body=%{c}" in line or f"body={c}" in line else 1)
-                         for c in callees if c in bodies and c != comp)
-        return count
+                callees += [("branch", c.strip().lstrip("%")) for c in group.split(",")]
+            trips = int(t.group(1)) if (t := _TRIP.search(line)) else 1
+            for kind, callee in callees:
+                if callee in bodies and callee != comp:
+                    times = trips if kind == "body" else 1
+                    cf, cb = total(callee)
+                    f, b = f + times * cf, b + times * cb
+            flops, moved = flops + f, moved + b
+        return flops, moved
 
-    return total(entry) if entry else 0
+    return total(entry) if entry else (0.0, 0)
 
 
 # -- the command line --------------------------------------------------------------------------------------
@@ -154,7 +174,7 @@ def report(plan: Plan) -> str:
                                                f"{state / plan.analytic_state_bytes:.3f}x)"),
             ("per device: temporaries (XLA)", _gb(plan.temp_bytes)),
             ("per device: total", _gb(state + plan.temp_bytes)),
-            ("per device: FLOPs / step", f"{plan.flops:.3e}"),
+            ("per device: matmul FLOPs / step", f"{plan.flops:.3e}"),
             ("per device: collectives / step", _gb(plan.collective_bytes)),
             ("compile time", f"{plan.compile_s:.1f} s")]
     width = max(len(k) for k, _ in rows)

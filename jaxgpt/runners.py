@@ -40,7 +40,7 @@ from gptcore.config import ModelConfig
 from gptcore.run import RunError
 from gptcore.train_config import TrainConfig
 from jaxgpt import step
-from jaxgpt.sharding import Layout, make_mesh
+from jaxgpt.sharding import Layout, activation_layout, make_mesh
 from jaxgpt.step import Batch, TrainState, step_fn
 
 DATA_AXES = ("data", "fsdp")  # the batch axes; shard_map's axis names in the data-parallel case
@@ -195,7 +195,11 @@ class MeshRunner(_OneCopy):
                                        check_vma=False)
             return jax.jit(local_step, donate_argnums=0)
         sharding = self.state_sharding(state)
-        return jax.jit(step_fn, in_shardings=(sharding, self.batch_sharding, self.replicated),
+
+        def sharded_step(state, batch, rng):  # traced with the activations laid out on the mesh
+            with activation_layout(self.layout):
+                return step_fn(state, batch, rng)
+        return jax.jit(sharded_step, in_shardings=(sharding, self.batch_sharding, self.replicated),
                        out_shardings=(sharding, self.replicated), donate_argnums=0)
 
     def place_batch(self, batch) -> Batch:
@@ -225,12 +229,20 @@ def _check_rows(a: np.ndarray, n_devices: int) -> np.ndarray:
     return a
 
 
-def gather(tree):
-    """A (possibly multi-host sharded) pytree as host numpy arrays, on every process."""
+def gather(tree, keep: bool = True):
+    """A (possibly multi-host sharded) pytree as host numpy arrays. Across
+    processes one leaf at a time, every process taking part: a process with
+    keep=False holds at most one gathered leaf at once and gets None leaves."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    gathered = []
+    for leaf in leaves:
+        whole = multihost_utils.process_allgather(leaf, tiled=True)
+        gathered.append(whole if keep else None)
+        del whole
+    return jax.tree_util.tree_unflatten(treedef, gathered)
 
 
 def make_runner(cfg: TrainConfig, model: ModelConfig) -> Runner:

@@ -16,12 +16,18 @@ logical names to mesh axes. A dimension stays whole (replicated) when its
 mesh axes do not divide it, or when they would split a unit of it: heads
 and kv_heads shard only when the tensor axis divides their count, so GQA
 with fewer KV heads than the tensor axis replicates the KV projections.
+Activations are constrained the same way (`constrain`, called by the
+model while a mesh step is traced): batch rows over data x fsdp, features
+as the weights that produced them. Without these XLA's partitioner may keep
+every token on every device and all-reduce matmul outputs instead.
+
 None of this changes the function computed; XLA's partitioner inserts the
 collectives (tested: every mesh equals one device, tests/test_parallel.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -48,6 +54,12 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "length": None,  # learned position table rows
     "router": None,
     "norm": None,
+    # activations: batch rows as the input, features as the weights that made them
+    "act_embed": None,  # the residual stream stays whole on each device
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
 }
 
 # Dense layer name -> logical axes of its (fan_in, fan_out) kernel; its bias takes fan_out's
@@ -94,7 +106,8 @@ class Layout:
         self.mesh = mesh
         self.sizes = dict(mesh.shape)  # axis name -> size (a Mesh, or an AbstractMesh for planning)
         # a logical axis made of units splits only between units
-        self.units = {"heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "experts": cfg.n_experts or 1}
+        self.units = {"heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "experts": cfg.n_experts or 1,
+                      "act_heads": cfg.n_heads, "act_kv_heads": cfg.n_kv_heads}
 
     def spec(self, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> P:
         """The PartitionSpec of an array whose dimensions have logical `axes`."""
@@ -130,3 +143,26 @@ class Layout:
     def batch_devices(self) -> int:
         """How many ways the batch rows are split."""
         return math.prod(self.sizes[a] for a in RULES["batch"])
+
+
+_TRACING: list[Layout] = []  # the layout of the mesh step being traced, if any
+
+
+@contextlib.contextmanager
+def activation_layout(layout: Layout):
+    """While a step is traced inside this, `constrain` lays activations out on layout's mesh."""
+    _TRACING.append(layout)
+    try:
+        yield
+    finally:
+        _TRACING.pop()
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """x laid out as its logical `axes` say, when traced for a mesh step
+    (activation_layout); x itself anywhere else (one device, pmap,
+    shard_map's data parallelism, generation)."""
+    if not _TRACING or len(axes) != x.ndim:
+        return x
+    layout = _TRACING[-1]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, layout.spec(axes, x.shape)))

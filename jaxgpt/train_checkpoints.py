@@ -24,21 +24,31 @@ class Checkpoints:
     """OUT_DIR/checkpoints: an orbax CheckpointManager of the train state
     (step, params, opt_state) plus a JSON record of the loop's own state
     (early stopping). Keeps the latest `keep` checkpoints and the best one
-    by val loss. Saves are synchronous, so a checkpoint that exists is
-    complete (orbax writes into a temporary directory and renames it)."""
+    by val loss. A checkpoint that exists is complete: orbax writes into a
+    temporary directory and renames it, and removes older ones only after.
+    Asynchronous saves copy the arrays off the devices and return; the
+    files are written by a background thread, waited for before the next
+    save, any read, and close. Each process writes and reads only its own
+    shards."""
 
-    def __init__(self, directory: Path, keep: int):
+    def __init__(self, directory: Path, keep: int, asynchronous: bool = False):
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=asynchronous,
                                                cleanup_tmp_directories=True)
         self.directory = directory.absolute()
+        self.asynchronous = asynchronous
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
+        self.manager.wait_until_finished()
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        self.manager.wait_until_finished()
+        return list(self.manager.all_steps())
 
     def save(self, state: TrainState, loop_state: dict, val_loss: float) -> None:
         step = int(state.step)
@@ -46,7 +56,8 @@ class Checkpoints:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                                         loop=ocp.args.JsonSave(loop_state)),
                           metrics={"val_loss": val_loss}, force=True)
-        self.manager.wait_until_finished()
+        if not self.asynchronous:
+            self.manager.wait_until_finished()
 
     def restore(self, state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
         """The checkpointed state (arrays placed like `state`'s) and loop
@@ -57,7 +68,7 @@ class Checkpoints:
         if step is not None:
             return self._restore(state, step)
         failed = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        for step in sorted(self.all_steps(), reverse=True):
             try:
                 restored = self._restore(state, step)
             except Exception as e:  # orbax raises many types for missing or truncated files
@@ -76,6 +87,7 @@ class Checkpoints:
                                 f"model (newest, step {failed[0][0]}: {failed[0][1]})")
 
     def _restore(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
+        self.manager.wait_until_finished()
         target = jax.tree_util.tree_map(_target, {"step": state.step, "params": state.params,
                                                   "opt_state": state.opt_state})
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),

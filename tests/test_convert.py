@@ -31,7 +31,8 @@ transformers.utils.logging.disable_progress_bar()
 
 # Presets whose architecture Hugging Face GPT-2 / Llama / Mixtral can express.
 # what an HF architecture holds exactly (missing biases exported as zeros: the default run, nanoGPT, seed 001)
-HF_EXPRESSIBLE = {"debug", "default", "gpt2", "llama", "mixtral", "nanogpt_shakespeare_char", "seed001_mini"}
+HF_EXPRESSIBLE = {"debug", "default", "gpt2", "gpt2_350m", "llama", "llama2_7b", "mixtral", "mixtral_8x7b",
+                  "nanogpt_shakespeare_char", "seed001_mini"}
 
 
 def tiny(cfg: ModelConfig) -> ModelConfig:

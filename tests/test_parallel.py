@@ -1,8 +1,7 @@
 """Parallel training equals single-device training over 20 steps with
-gradient accumulation and clipping: pmap over 4 simulated devices, every
-(data, fsdp, tensor) mesh shape the scale-out work names on 8, for a dense
-and a GQA model, and two processes on 127.0.0.1 (gloo) with fsdp and tensor
-axes. Each case runs in a subprocess because the device count is fixed when
+gradient accumulation and clipping: every (data, fsdp, tensor) mesh shape
+the scale-out work names and pmap on 8 simulated devices, for a dense and a
+GQA model, and two processes on 127.0.0.1 (gloo) with fsdp and tensor axes. Each case runs in a subprocess because the device count is fixed when
 jax starts."""
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ models = {  # dense: MHA, tied embeddings; gqa: 2 KV heads for 8 query heads, un
 for run in runs.split(","):
     name, kind = run.split("/")
     mc, scan = models[name]
-    tc = TrainConfig(batch_size=8, grad_accum=2, warmup_steps=2, max_steps=20, lr=1e-3, grad_clip=0.5,
+    tc = TrainConfig(batch_size=8, grad_accum=2, warmup_steps=2, max_steps=20, lr=1e-3, grad_clip=0.5, adam_eps=1e-6,
                      scan_layers=scan)
     if kind in ("single", "pmap"):
         runner = runners.SingleDevice() if kind == "single" else runners.PmapRunner()
@@ -85,20 +84,18 @@ def load(path: Path) -> dict:
 
 
 def assert_same(got: dict, want: dict, what: str, rtol: float = 1e-5) -> None:
-    """Losses and grad norms of every step, and the final params as one
-    vector, to rtol (float32 reassociation: each mesh sums in its own order);
-    each param leaf to 1e-3 (a zero-initialised bias is small, and Adam's
-    first steps move even its noise-sized gradients by lr: a leaf the mesh
-    got wrong is off by far more)."""
+    """Losses and grad norms of every step and every final param, to rtol
+    (float32 reassociation: each mesh sums in its own order; measured ~2e-7).
+    The runs use adam_eps 1e-6: with 1e-8, Adam moves a param whose gradient
+    is rounding noise around zero by a full lr step of the noise's sign, and
+    such flips grew the meshes' differences to ~1e-5 in 20 steps."""
     params = sorted(k for k in want if k.startswith("["))
     assert params and params == sorted(k for k in got if k.startswith("["))
     for k in ("loss", "grad_norm"):
         # clipping and Adam hide a gradient summed twice from the params: the norm does not
         np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=0, err_msg=f"{what}: {k}")
-    flat_got, flat_want = (np.concatenate([t[k].ravel() for k in params]) for t in (got, want))
-    assert np.linalg.norm(flat_got - flat_want) <= rtol * np.linalg.norm(flat_want), what
     for k in params:
-        assert np.linalg.norm(got[k] - want[k]) <= 1e-3 * np.linalg.norm(want[k]), (what, k)
+        assert np.linalg.norm(got[k] - want[k]) <= rtol * np.linalg.norm(want[k]), (what, k)
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +106,9 @@ def reference(tmp_path_factory) -> Path:
     return path
 
 
-def test_pmap_and_data_fsdp_meshes_equal_single_device(reference, tmp_path):
-    """pmap data parallel, mesh data parallel (shard_map), and FSDP over 2
-    and 4 devices, all on 4 devices."""
-    kinds = ("pmap", "1.1", "2.1", "4.1")
-    finish(run([",".join(f"dense/{k}" for k in kinds), str(tmp_path)], 4))
-    for kind in kinds:
-        assert_same(load(tmp_path / f"dense-{kind}.npz"), load(reference / "dense-single.npz"), kind)
-
-
-# FSDP.TENSOR on 8 devices: data 8; fsdp 8; fsdp 4 x tensor 2; data 2 x tensor 4; data 2 x fsdp 2 x tensor 2
-MESHES_8 = ("1.1", "8.1", "4.2", "1.4", "2.2")
+# FSDP.TENSOR on 8 devices: data 8 (shard_map); fsdp 8; fsdp 4 x tensor 2; data 2 x tensor 4;
+# data 2 x fsdp 2 x tensor 2; and pmap over the 8
+MESHES_8 = ("1.1", "8.1", "4.2", "1.4", "2.2", "pmap")
 
 
 @pytest.mark.parametrize("model", ["dense", "gqa"])
@@ -134,9 +123,10 @@ def test_every_mesh_on_8_devices_equals_single_device(model, reference, tmp_path
     for kind in MESHES_8:
         got = load(tmp_path / f"{model}-{kind}.npz")
         assert_same(got, want, f"{model} on mesh fsdp.tensor={kind}")
-        fsdp, tensor = map(int, kind.split("."))
-        share = float(got["first_bytes"]) / float(got["total_bytes"])
-        assert share < 1.25 / (fsdp * tensor), (kind, share)
+        if kind != "pmap":
+            fsdp, tensor = map(int, kind.split("."))
+            share = float(got["first_bytes"]) / float(got["total_bytes"])
+            assert share < 1.25 / (fsdp * tensor), (kind, share)
 
 
 def test_layout_follows_the_logical_axis_rules():
@@ -186,12 +176,12 @@ def test_layout_follows_the_logical_axis_rules():
 
 
 def test_two_processes_equal_one(reference, tmp_path):
-    """Two processes with 2 devices each, gloo collectives: FSDP over the 4
-    global devices, and fsdp 2 x tensor 2 for both models."""
+    """Two processes with 2 devices each, gloo collectives, fsdp 2 x tensor 2
+    for both models (tensor groups within a process, fsdp across the two)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    runs = "dense/4.1,dense/2.2,gqa/2.2"
+    runs = "dense/2.2,gqa/2.2"
     procs = [run([runs, str(tmp_path), f"127.0.0.1:{port}", "2", str(pid)], 2) for pid in range(2)]
     for proc in procs:
         finish(proc)

@@ -86,10 +86,15 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 # -- SIGKILL -------------------------------------------------------------------------------
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(preset, through, tmp_path):
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(preset, through, tmp_path, asynchronous):
+    """Killed twice mid-run (with train.async_checkpoint, most kills land
+    while a background save is writing), then resumed: the run that went
+    through, bit for bit."""
     run = tmp_path / "run"
     rng = random.Random(os.getpid())  # a different set of moments every time the suite runs
-    args = [sys.executable, "-m", "jaxgpt.train", "--config", str(preset), f"train.out_dir={run}"]
+    args = [sys.executable, "-m", "jaxgpt.train", "--config", str(preset), f"train.out_dir={run}",
+            f"train.async_checkpoint={str(asynchronous).lower()}"]
     for attempt in range(2):
         before = complete_steps(run)[-1:] or [0]
         proc = subprocess.Popen(args + (["--resume"] if attempt else []), cwd=REPO, stdout=subprocess.DEVNULL,

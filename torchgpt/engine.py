@@ -40,6 +40,9 @@ class TorchEngine:
         self.optimizer = make_optimizer(self.model, tc)
         self.directory = run.out_dir / "checkpoints"
 
+    def barrier(self, name: str) -> None:
+        pass  # one process
+
     def describe(self) -> str:
         return f"1 {self.device.type.upper()} device (torch)"
 
