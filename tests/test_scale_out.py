@@ -215,3 +215,33 @@ def test_plan_command_line(tmp_path):
                           "train.tensor=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: train.fsdp x train.tensor = 1 x 4 does not divide the 6 devices")
+
+
+def test_plan_of_a_7b_model_on_64_devices():
+    """Llama-2-7B's shape compiles for 64 simulated devices on this machine,
+    as fsdp 64 and as fsdp 16 x tensor 4; params + AdamW moments per device
+    within 10% of (4 + 8) x params / 64, and the FLOPs of one step within
+    the usual bounds: at least 6 x params x tokens (forward and backward) and
+    at most 8 x (remat: the forward twice) plus attention."""
+    script = r"""
+import json, jax
+jax.config.update("jax_num_cpu_devices", 64)
+from gptcore.presets import load_config
+from jaxgpt.plan import make_plan
+out = []
+for mesh in (["train.fsdp=64"], ["train.fsdp=16", "train.tensor=4"]):
+    c = load_config("llama2_7b", mesh)
+    out.append({**make_plan(c["model"], c["train"], jax.devices()).__dict__})
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for plan in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert 6.7e9 < plan["params"] < 6.8e9
+        analytic = 12 * plan["params"] / 64
+        assert abs(plan["param_bytes"] + plan["optimizer_bytes"] - analytic) <= 0.1 * analytic, plan
+        assert plan["temp_bytes"] > 0 and plan["collective_bytes"] > 0
+        tokens = 64 * 4096 / 64  # per device
+        assert 6 * plan["params"] * tokens < plan["flops"] < 8 * plan["params"] * tokens * 1.5, plan
