@@ -21,6 +21,7 @@ MLPS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 INITS = ("normal", "torch_default")
+MOE_IMPLS = ("dense", "capacity", "ragged")
 
 
 class ConfigError(UserError):
@@ -73,6 +74,11 @@ class ModelConfig:
     shared_expert: bool = False  # DeepSeek-style expert applied to every token
     router_bias: bool = False
     aux_loss_coef: float = 0.0  # Switch / Mixtral load-balancing loss weight
+    moe_impl: Literal["dense", "capacity", "ragged"] = "dense"  # how tokens reach their experts (the same
+    # function when nothing is dropped; no parameter changes): "dense" every expert on every token, combined by
+    # the routing weights (the reference); "capacity" sort-based dispatch into per-expert buffers of
+    # expert_capacity rows per sequence; "ragged" dropless grouped matmuls over the tokens sorted by expert
+    capacity_factor: float = 1.25  # "capacity": rows per expert and sequence, ceil(factor * T * top_k / n_experts)
 
     ffn_residual: bool = True  # False: seed 003's block, x = ffn(norm2(x)) with no residual around the MLP
 
@@ -119,6 +125,13 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
+    def expert_capacity(self, n_tokens: int) -> int:
+        """Rows of each expert's buffer under moe_impl = "capacity" for a group
+        (a sequence) of n_tokens: ceil(capacity_factor * n_tokens * top_k /
+        n_experts), at most n_tokens (a token reaches an expert once:
+        dropless from there)."""
+        return min(n_tokens, math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts))
+
     @property
     def residual_init_std(self) -> float:
         if self.scaled_residual_init:
@@ -160,7 +173,7 @@ def _default_derived(cfg: ModelConfig, name: str):
 
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _CHOICES = {"position": POSITIONS, "rope_scaling": ROPE_SCALINGS, "mlp": MLPS, "norm": NORMS,
-            "norm_placement": NORM_PLACEMENTS, "init": INITS}
+            "norm_placement": NORM_PLACEMENTS, "init": INITS, "moe_impl": MOE_IMPLS}
 
 
 def check_field_types(cfg, choices: dict[str, tuple[str, ...]]) -> None:
@@ -218,6 +231,7 @@ def _check_values(c: ModelConfig) -> None:
     else:
         require(not c.shared_expert, "shared_expert", "needs n_experts >= 2")
     require(c.aux_loss_coef >= 0.0, "aux_loss_coef", "must be >= 0")
+    require(c.capacity_factor > 0.0, "capacity_factor", "must be positive")
     require(c.attn_out_proj or c.q_dim == c.d_model, "attn_out_proj",
             f"False needs n_heads * head_dim == d_model (got {c.q_dim} and {c.d_model})")
     for name in ("embd_dropout", "attn_dropout", "resid_dropout", "mlp_dropout"):

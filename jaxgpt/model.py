@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from gptcore.config import ModelConfig
 from jaxgpt import ops
+from jaxgpt.ffn import MLP, MoE, load_balancing_loss  # noqa: F401 (load_balancing_loss: the twins' API)
 from jaxgpt.layers import dense, embedding_init, kernel_ops
 from jaxgpt.positions import KINDS
 from jaxgpt.sharding import constrain
@@ -136,71 +137,6 @@ class Attention(nn.Module):
 
     def dense(self, fan_in, features, bias, name, std=None):
         return dense(self.cfg, fan_in, features, bias, name, std, self.dtype, self.kernels)
-
-
-class MLP(nn.Module):
-    """relu / gelu / gelu_tanh: down(act(up(x))); swiglu: down(silu(gate(x)) * up(x));
-    mlp_dropout on the hidden activations before down."""
-    cfg: ModelConfig
-    dtype: Any = jnp.float32
-    kernels: str = "auto"
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x):  # (..., C) -> (..., C)
-        c = self.cfg
-
-        def linear(fan_in, features, name, std=None):
-            return dense(c, fan_in, features, c.mlp_bias, name, std, self.dtype, self.kernels)
-
-        if c.mlp == "swiglu":
-            h = ops.activation("silu", linear(c.d_model, c.d_ff, "gate")(x)) * linear(c.d_model, c.d_ff, "up")(x)
-        else:
-            h = ops.activation(c.mlp, linear(c.d_model, c.d_ff, "up")(x))  # (..., F)
-        h = constrain(h, "batch", "length", "act_mlp")
-        rng = None if self.deterministic or c.mlp_dropout == 0.0 else self.make_rng("dropout")
-        return linear(c.d_ff, c.d_model, "down", c.residual_init_std)(ops.dropout(h, c.mlp_dropout, rng))
-
-
-class MoE(nn.Module):
-    """Top-k mixture of experts with an optional shared expert.
-
-    The router runs in float32 (see ops.route). Every expert is evaluated on
-    every token and the outputs are combined with the (mostly zero) routing
-    weights: exact, simple, and fast for the few experts of these models.
-    """
-    cfg: ModelConfig
-    dtype: Any = jnp.float32
-    kernels: str = "auto"
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x, valid):  # (B, T, C), (B, T) -> (B, T, C), ()
-        c = self.cfg
-        router = dense(c, c.d_model, c.n_experts, c.router_bias, "router", kernels="reference")  # float32
-        logits = router(x.astype(jnp.float32))  # (B, T, E)
-        weights, top_idx = ops.route(logits, c.top_k)  # (B, T, k) each
-        choice = jax.nn.one_hot(top_idx, c.n_experts, dtype=jnp.float32)  # (B, T, k, E)
-        combine = jnp.einsum("BTk,BTkE->BTE", weights, choice)  # (B, T, E)
-
-        experts = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                          in_axes=None, out_axes=0, axis_size=c.n_experts)
-        expert_out = experts(c, self.dtype, self.kernels, self.deterministic, name="experts")(x)  # (E, B, T, C)
-        out = jnp.einsum("BTE,EBTC->BTC", combine.astype(expert_out.dtype), expert_out)
-        if c.shared_expert:
-            out = out + MLP(c, self.dtype, self.kernels, self.deterministic, name="shared_expert")(x)
-        return out, load_balancing_loss(logits, choice, valid)
-
-
-def load_balancing_loss(logits, choice, valid):
-    """Switch / Mixtral auxiliary loss: E * sum_{k,e} f[k, e] * P[e], where
-    f is the fraction of (valid) tokens whose k-th choice is expert e and P the
-    mean router probability of e. (B, T, E), (B, T, k, E), (B, T) -> ()."""
-    w = valid.astype(jnp.float32)
-    n = jnp.maximum(w.sum(), 1.0)
-    f = jnp.einsum("BTkE,BT->kE", choice, w) / n  # (k, E)
-    p = jnp.einsum("BTE,BT->E", jax.nn.softmax(logits, axis=-1), w) / n  # (E,)
-    return logits.shape[-1] * jnp.sum(f * p[None, :])
 
 
 class Block(nn.Module):

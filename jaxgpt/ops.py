@@ -7,6 +7,8 @@ key/value head, D head_dim, C d_model.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -128,6 +130,32 @@ def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     """
     top_logits, top_idx = jax.lax.top_k(router_logits, top_k)
     return jax.nn.softmax(top_logits, axis=-1), top_idx
+
+
+# -- mixture-of-experts dispatch -------------------------------------------------
+
+class Dispatch(NamedTuple):
+    """Per group of N tokens, its N * k (token, choice) assignments sorted by
+    expert, each expert's in token order."""
+    token: jax.Array  # (G, N*k) the token (index in the group) of each assignment
+    weight: jax.Array  # (G, N*k) its routing weight
+    expert: jax.Array  # (G, N*k) its expert, ascending
+    slot: jax.Array  # (G, N*k) its row in the group's (E * capacity) buffers; E * capacity: dropped
+    sizes: jax.Array  # (G, E) assignments per expert, dropped ones included
+
+
+def dispatch(top_idx: jax.Array, weights: jax.Array, n_experts: int, capacity: int) -> Dispatch:
+    """(G, N, k) expert ids and routing weights -> the sorted assignments of
+    each group; the first `capacity` of each expert keep a slot, the rest
+    are dropped (the drop rule: within a group, by expert, then token)."""
+    G, N, k = top_idx.shape
+    expert = top_idx.reshape(G, N * k)
+    order = jnp.argsort(expert, axis=-1, stable=True)
+    expert = jnp.take_along_axis(expert, order, -1)
+    sizes = jax.nn.one_hot(expert, n_experts, dtype=jnp.int32).sum(1)  # (G, E)
+    position = jnp.arange(N * k) - jnp.take_along_axis(jnp.cumsum(sizes, -1) - sizes, expert, -1)  # rank in expert
+    slot = jnp.where(position < capacity, expert * capacity + position, n_experts * capacity)
+    return Dispatch(order // k, jnp.take_along_axis(weights.reshape(G, N * k), order, -1), expert, slot, sizes)
 
 
 # -- dropout -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Parallel training equals single-device training over 20 steps with
 gradient accumulation and clipping: every (data, fsdp, tensor) mesh shape
 the scale-out work names and pmap on 8 simulated devices, for a dense and a
-GQA model, and two processes on 127.0.0.1 (gloo) with fsdp and tensor axes. Each case runs in a subprocess because the device count is fixed when
+GQA model, and two processes on 127.0.0.1 (gloo) with fsdp and tensor
+axes. Each case runs in a subprocess because the device count is fixed when
 jax starts."""
 
 from __future__ import annotations

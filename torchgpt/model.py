@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from gptcore.config import ModelConfig
 from torchgpt import ops
+from torchgpt.ffn import MLP, MoE, load_balancing_loss  # noqa: F401 (load_balancing_loss: the twins' API)
 from torchgpt.positions import KINDS
 
 Cache = dict[str, torch.Tensor]
@@ -110,70 +111,6 @@ class Attention(nn.Module):
         out = ops.attention(q, k.to(q.dtype), v.to(q.dtype), mask, keep, c.attn_dropout)
         out = out.permute(0, 3, 1, 2, 4).reshape(B, T, H * D)  # (B, T, H*D)
         return (self.out_proj(out) if c.attn_out_proj else out), layer_cache  # (B, T, C)
-
-
-class MLP(nn.Module):
-    """relu / gelu / gelu_tanh: down(act(up(x))); swiglu: down(silu(gate(x)) * up(x));
-    mlp_dropout on the hidden activations before down."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        c = self.cfg = cfg
-        if c.mlp == "swiglu":
-            self.gate = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
-        self.up = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
-        self.down = nn.Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
-
-    def forward(self, x):  # (..., C) -> (..., C)
-        c = self.cfg
-        if c.mlp == "swiglu":
-            h = ops.activation("silu", self.gate(x)) * self.up(x)
-        else:
-            h = ops.activation(c.mlp, self.up(x))  # (..., F)
-        return self.down(ops.dropout(h, c.mlp_dropout, self.training))
-
-
-class MoE(nn.Module):
-    """Top-k mixture of experts with an optional shared expert.
-
-    The router runs in float32 (see ops.route). Each expert runs on the tokens
-    routed to it (seed 002's loop), weighted by its routing weight.
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        c = self.cfg = cfg
-        self.router = nn.Linear(c.d_model, c.n_experts, bias=c.router_bias)
-        self.experts = nn.ModuleList(MLP(c) for _ in range(c.n_experts))
-        if c.shared_expert:
-            self.shared_expert = MLP(c)
-
-    def forward(self, x, valid):  # (B, T, C), (B, T) -> (B, T, C), ()
-        c = self.cfg
-        logits = self.router(x.to(self.router.weight.dtype)).float()  # (B, T, E)
-        weights, top_idx = ops.route(logits, c.top_k)  # (B, T, k) each
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            routed = top_idx == e  # (B, T, k)
-            tokens = routed.any(dim=-1)  # (B, T)
-            if tokens.any():
-                w = (weights * routed).sum(dim=-1)[tokens]  # (N,)
-                out[tokens] += expert(x[tokens]) * w[:, None].to(x.dtype)
-        if c.shared_expert:
-            out = out + self.shared_expert(x)
-        choice = nn.functional.one_hot(top_idx, c.n_experts).float()  # (B, T, k, E)
-        return out, load_balancing_loss(logits, choice, valid)
-
-
-def load_balancing_loss(logits, choice, valid):
-    """Switch / Mixtral auxiliary loss: E * sum_{k,e} f[k, e] * P[e], where
-    f is the fraction of (valid) tokens whose k-th choice is expert e and P the
-    mean router probability of e. (B, T, E), (B, T, k, E), (B, T) -> ()."""
-    w = valid.float()
-    n = w.sum().clamp(min=1.0)
-    f = torch.einsum("BTkE,BT->kE", choice, w) / n  # (k, E)
-    p = torch.einsum("BTE,BT->E", logits.softmax(dim=-1), w) / n  # (E,)
-    return logits.shape[-1] * torch.sum(f * p[None, :])
 
 
 class Block(nn.Module):

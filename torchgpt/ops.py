@@ -7,6 +7,8 @@ key/value head, D head_dim, C d_model.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -130,6 +132,32 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     top_logits, top_idx = torch.sort(router_logits, dim=-1, descending=True, stable=True)
     top_logits, top_idx = top_logits[..., :top_k], top_idx[..., :top_k]
     return top_logits.softmax(dim=-1), top_idx
+
+
+# -- mixture-of-experts dispatch -------------------------------------------------
+
+class Dispatch(NamedTuple):
+    """Per group of N tokens, its N * k (token, choice) assignments sorted by
+    expert, each expert's in token order."""
+    token: torch.Tensor  # (G, N*k) the token (index in the group) of each assignment
+    weight: torch.Tensor  # (G, N*k) its routing weight
+    expert: torch.Tensor  # (G, N*k) its expert, ascending
+    slot: torch.Tensor  # (G, N*k) its row in the group's (E * capacity) buffers; E * capacity: dropped
+    sizes: torch.Tensor  # (G, E) assignments per expert, dropped ones included
+
+
+def dispatch(top_idx: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity: int) -> Dispatch:
+    """(G, N, k) expert ids and routing weights -> the sorted assignments of
+    each group; the first `capacity` of each expert keep a slot, the rest
+    are dropped (the drop rule: within a group, by expert, then token)."""
+    G, N, k = top_idx.shape
+    expert = top_idx.reshape(G, N * k)
+    order = torch.argsort(expert, dim=-1, stable=True)
+    expert = torch.gather(expert, -1, order)
+    sizes = F.one_hot(expert, n_experts).sum(1)  # (G, E)
+    position = torch.arange(N * k, device=expert.device) - torch.gather(torch.cumsum(sizes, -1) - sizes, -1, expert)
+    slot = torch.where(position < capacity, expert * capacity + position, n_experts * capacity)
+    return Dispatch(order // k, torch.gather(weights.reshape(G, N * k), -1, order), expert, slot, sizes)
 
 
 # -- dropout -----------------------------------------------------------------
