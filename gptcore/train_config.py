@@ -86,7 +86,8 @@ class TrainConfig:
     # "single" device, "pmap" data parallel, "mesh" (data x fsdp x tensor) jit
     fsdp: int = 1  # size of the mesh's "fsdp" axis (parameter sharding); mesh / auto only
     tensor: int = 1  # size of the mesh's "tensor" axis (Megatron-style heads / MLP / vocab); mesh / auto only;
-    # the "data" axis takes the devices fsdp x tensor leave (jaxgpt.sharding)
+    # the "data" axis takes the devices fsdp x expert x tensor leave (jaxgpt.sharding)
+    expert: int = 1  # size of the mesh's "expert" axis (a mixture of experts' experts split over it); mesh / auto
     cpu_devices: int = 0  # on a CPU host, the XLA CPU devices `python -m jaxgpt.train` splits it into, so
     # that data parallelism puts every core to work; 0: one per core (fewer if batch_size needs it)
 
@@ -159,7 +160,7 @@ def _check_values(c) -> None:
         require(c.stride is None or c.stride > 0, "stride", "must be positive")
         return
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
-                 "keep_checkpoints", "fsdp", "tensor"):
+                 "keep_checkpoints", "fsdp", "tensor", "expert"):
         require(getattr(c, name) > 0, name, "must be positive")
     for name in ("warmup_steps", "patience", "sample_tokens", "cpu_devices"):
         require(getattr(c, name) >= 0, name, "must be >= 0")
@@ -177,6 +178,6 @@ def _check_values(c) -> None:
     require(0 <= c.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
     require(c.out_dir.strip() not in ("", "."), "out_dir",
             "must name a run directory (not the current one: a run writes several files and folders)")
-    for name in ("fsdp", "tensor"):
+    for name in ("fsdp", "tensor", "expert"):
         require(getattr(c, name) == 1 or c.parallel in ("mesh", "auto"), name,
                 "sharding needs train.parallel = \"mesh\" (or \"auto\")")

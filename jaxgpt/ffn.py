@@ -96,8 +96,10 @@ class MoE(nn.Module):
         rows = jnp.take_along_axis(x, plan.token[..., None], 1)  # (B, T*k, C)
         buffers = jax.vmap(lambda r, s: jnp.zeros((c.n_experts * cap + 1, C), x.dtype).at[s].set(r))(
             rows, plan.slot)  # (B, E*cap + 1, C): the last row takes the dropped
-        h = buffers[:, :-1].reshape(B, c.n_experts, cap, C)
+        # experts over the "expert" devices (from rows over them): an all-to-all on a mesh with one
+        h = constrain(buffers[:, :-1].reshape(B, c.n_experts, cap, C), "expert_batch", "act_experts", None, None)
         y = self._experts(w, h, lambda h, k: jnp.einsum("BERC,ECF->BERF", h, k), lambda b: b[None, :, None, :])
+        y = constrain(y, "expert_batch", "act_experts", None, None)
         y = jnp.concatenate([y.reshape(B, -1, C), jnp.zeros((B, 1, C), y.dtype)], 1)
         y = jnp.take_along_axis(y, plan.slot[..., None], 1) * plan.weight[..., None].astype(y.dtype)  # (B, T*k, C)
         return jax.vmap(lambda y, t: jnp.zeros((T, C), y.dtype).at[t].add(y))(y, plan.token)

@@ -38,7 +38,7 @@ GB = 2 ** 30
 @dataclass(frozen=True)
 class Plan:
     devices: int
-    mesh: str  # "data 4 x fsdp 16 x tensor 1"
+    mesh: str  # "data 4 x fsdp 16": data and the axes of more than one device
     params: int  # the model's parameter count
     param_bytes: int  # per device, as sharded
     optimizer_bytes: int  # per device
@@ -64,7 +64,7 @@ def make_plan(mc: ModelConfig, tc: TrainConfig, devices: list) -> Plan:
 
     if tc.kernels == "auto":  # what "auto" means on an accelerator, whatever runs the plan
         tc = tc.replace(kernels="reference")
-    runner = MeshRunner(mc, tc.fsdp, tc.tensor, devices)
+    runner = MeshRunner(mc, tc.fsdp, tc.tensor, devices, expert=tc.expert)
     shapes = jax.eval_shape(functools.partial(fresh_state, make_model(mc, tc), mc, tc))
     shardings = runner.state_sharding(shapes)
     state = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -72,7 +72,7 @@ def make_plan(mc: ModelConfig, tc: TrainConfig, devices: list) -> Plan:
     A, B, T = tc.grad_accum, tc.batch_size, mc.context_length
     if B % runner.layout.batch_devices:
         raise UserError(f"train.batch_size {B} is not divisible by the {runner.layout.batch_devices} devices "
-                        f"the batch is split over (data x fsdp)")
+                        f"the batch is split over (data x fsdp x expert)")
     batch = tuple(jax.ShapeDtypeStruct((A, B, T), dtype, sharding=runner.batch_sharding)
                   for dtype in (jnp.int32, jnp.int32, jnp.bool_))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=runner.replicated)
@@ -87,7 +87,8 @@ def make_plan(mc: ModelConfig, tc: TrainConfig, devices: list) -> Plan:
     memory = compiled.memory_analysis()
     flops, moved = hlo_counts(compiled.as_text())
     sizes = runner.layout.sizes
-    return Plan(devices=len(devices), mesh=" x ".join(f"{axis} {n}" for axis, n in sizes.items()),
+    mesh = " x ".join(f"{axis} {n}" for axis, n in sizes.items() if n > 1 or axis == "data")
+    return Plan(devices=len(devices), mesh=mesh,
                 params=param_count(mc), param_bytes=per_device(state.params),
                 optimizer_bytes=per_device(state.opt_state), temp_bytes=int(memory.temp_size_in_bytes),
                 flops=flops, collective_bytes=moved, compile_s=compile_s)

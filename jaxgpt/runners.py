@@ -43,7 +43,7 @@ from jaxgpt import step
 from jaxgpt.sharding import Layout, activation_layout, make_mesh
 from jaxgpt.step import Batch, TrainState, step_fn
 
-DATA_AXES = ("data", "fsdp")  # the batch axes; shard_map's axis names in the data-parallel case
+DATA_AXES = ("data", "fsdp", "expert")  # the batch axes; shard_map's axis names in the data-parallel case
 
 
 class Runner(Protocol):
@@ -151,13 +151,13 @@ class MeshRunner(_OneCopy):
     """jit over a ("data", "fsdp", "tensor") mesh: data parallel, FSDP and
     tensor parallel in one program."""
 
-    def __init__(self, cfg: ModelConfig, fsdp: int = 1, tensor: int = 1, devices=None):
-        self.layout = Layout(make_mesh(fsdp, tensor, devices), cfg)
+    def __init__(self, cfg: ModelConfig, fsdp: int = 1, tensor: int = 1, devices=None, expert: int = 1):
+        self.layout = Layout(make_mesh(fsdp, tensor, expert, devices), cfg)
         self.mesh = self.layout.mesh
         self.n_devices = self.mesh.devices.size
         self.batch_sharding = self.layout.batch_sharding()
         self.replicated = NamedSharding(self.mesh, P())
-        self.data_parallel = fsdp == tensor == 1
+        self.data_parallel = fsdp == tensor == expert == 1
         self._step = None
 
     def describe(self) -> str:
@@ -259,7 +259,9 @@ def make_runner(cfg: TrainConfig, model: ModelConfig) -> Runner:
     if cfg.batch_size % rows:
         raise RunError(f"train.batch_size {cfg.batch_size} is not divisible by the {rows} devices "
                        f"(on a CPU host: set train.cpu_devices to a divisor of it)")
-    return PmapRunner(devices[:n]) if cfg.parallel == "pmap" else MeshRunner(model, cfg.fsdp, cfg.tensor, devices)
+    if cfg.parallel == "pmap":
+        return PmapRunner(devices[:n])
+    return MeshRunner(model, cfg.fsdp, cfg.tensor, devices, expert=cfg.expert)
 
 
 def cpu_device_count(cfg: TrainConfig, cores: int | None = None) -> int:

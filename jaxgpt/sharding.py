@@ -1,10 +1,15 @@
 """Where every array of a jaxgpt run lives on a device mesh.
 
-The mesh has three axes, outermost first:
+The mesh has four axes, outermost first:
 
     data    batch rows; everything else replicated
     fsdp    batch rows, and parameters and optimizer state split ZeRO-3
             style (XLA gathers a layer's weights where the step uses them)
+    expert  batch rows, and a mixture of experts' experts: each device holds
+            E / expert of them and computes them on every row routed to
+            them (moe_impl "capacity": the per-sequence buffers move from
+            rows-over-devices to experts-over-devices and back, all-to-alls
+            XLA's partitioner inserts)
     tensor  Megatron-style: attention heads (q/k/v column-parallel, out-
             projection row-parallel), the MLP hidden dimension (up / gate
             column, down row) and the vocabulary of the embedding and head;
@@ -38,18 +43,19 @@ from jax.sharding import PartitionSpec as P
 from gptcore.config import ModelConfig
 from gptcore.errors import RunError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axes (None: never split)
 RULES: dict[str, tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
-    "embed": ("fsdp",),
+    "batch": ("data", "fsdp", "expert"),
+    "expert_batch": ("data", "fsdp"),  # the rows of expert buffers, whose experts split over "expert"
+    "embed": ("fsdp", "expert"),  # non-expert weights also split over "expert" (experts take it first)
     "vocab": ("tensor",),
     "heads": ("tensor",),  # the H*D output of q_proj, input of out_proj
     "kv_heads": ("tensor",),  # the K*D output of k_proj / v_proj
     "mlp": ("tensor",),  # the F hidden dimension of MLPs and experts
     "qkv": None,  # the fused [q | k | v] projection: a split would cut across q, k and v
-    "experts": None,
+    "experts": ("expert",),
     "layers": None,  # scan_layers' leading axis
     "length": None,  # learned position table rows
     "router": None,
@@ -60,6 +66,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "act_kv_heads": ("tensor",),
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
+    "act_experts": ("expert",),
 }
 
 # Dense layer name -> logical axes of its (fan_in, fan_out) kernel; its bias takes fan_out's
@@ -90,13 +97,15 @@ def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
     return axes if len(axes) == ndim else (None,) * ndim
 
 
-def make_mesh(fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all (global) devices; data takes what
-    fsdp x tensor leave."""
+def make_mesh(fsdp: int = 1, tensor: int = 1, expert: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh over all (global) devices; data
+    takes what fsdp x expert x tensor leave."""
     devices = np.asarray(devices if devices is not None else jax.devices())
-    if devices.size % (fsdp * tensor):
-        raise RunError(f"train.fsdp x train.tensor = {fsdp} x {tensor} does not divide the {devices.size} devices")
-    return Mesh(devices.reshape(devices.size // (fsdp * tensor), fsdp, tensor), MESH_AXES)
+    if devices.size % (fsdp * expert * tensor):
+        sizes = f"{fsdp} x {tensor}" if expert == 1 else f"{fsdp} x {tensor} x {expert}"
+        names = "train.fsdp x train.tensor" + ("" if expert == 1 else " x train.expert")
+        raise RunError(f"{names} = {sizes} does not divide the {devices.size} devices")
+    return Mesh(devices.reshape(devices.size // (fsdp * expert * tensor), fsdp, expert, tensor), MESH_AXES)
 
 
 class Layout:
@@ -107,7 +116,7 @@ class Layout:
         self.sizes = dict(mesh.shape)  # axis name -> size (a Mesh, or an AbstractMesh for planning)
         # a logical axis made of units splits only between units
         self.units = {"heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "experts": cfg.n_experts or 1,
-                      "act_heads": cfg.n_heads, "act_kv_heads": cfg.n_kv_heads}
+                      "act_heads": cfg.n_heads, "act_kv_heads": cfg.n_kv_heads, "act_experts": cfg.n_experts or 1}
 
     def spec(self, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> P:
         """The PartitionSpec of an array whose dimensions have logical `axes`."""
@@ -136,7 +145,7 @@ class Layout:
             lambda path, a: NamedSharding(self.mesh, self.param_spec(path, np.shape(a))), tree)
 
     def batch_sharding(self) -> NamedSharding:
-        """(A, B, T) step inputs: rows over the batch axes, replicated over tensor."""
+        """(A, B, T) step inputs: rows over the batch axes (data, fsdp, expert), replicated over tensor."""
         return NamedSharding(self.mesh, P(None, RULES["batch"], None))
 
     @property

@@ -36,7 +36,12 @@ models = {  # dense: MHA, tied embeddings; gqa: 2 KV heads for 8 query heads, un
                           qkv_fused=False), False),
     "gqa": (ModelConfig(vocab_size=64, context_length=16, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2,
                         d_ff=96, position="rope", mlp="swiglu", norm="rmsnorm", qkv_fused=False,
-                        tie_embeddings=False), True)}
+                        tie_embeddings=False), True),
+    # moe: 4 SwiGLU experts top-2 and a shared expert, capacity dispatch with room for every token
+    "moe": (ModelConfig(vocab_size=64, context_length=16, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2,
+                        d_ff=64, position="rope", mlp="swiglu", norm="rmsnorm", qkv_fused=False, n_experts=4,
+                        top_k=2, shared_expert=True, aux_loss_coef=0.01, moe_impl="capacity",
+                        capacity_factor=2.0), False)}
 for run in runs.split(","):
     name, kind = run.split("/")
     mc, scan = models[name]
@@ -45,12 +50,14 @@ for run in runs.split(","):
     if kind in ("single", "pmap"):
         runner = runners.SingleDevice() if kind == "single" else runners.PmapRunner()
     else:
-        fsdp, tensor = map(int, kind.split("."))
-        runner = runners.MeshRunner(mc, fsdp, tensor)
+        fsdp, tensor, expert = map(int, (kind.split(".") + ["1"])[:3])
+        runner = runners.MeshRunner(mc, fsdp, tensor, expert=expert)
     state = runner.init_state(lambda: js.fresh_state(js.make_model(mc, tc), mc, tc))
     leaves = jax.tree_util.tree_leaves(state)
     total = sum(a.nbytes for a in leaves)
     first = sum(a.addressable_shards[0].data.nbytes if isinstance(a, jax.Array) else a.nbytes for a in leaves)
+    experts = state.params["blocks_0"]["mlp"].get("experts", {}).get("up", {}).get("kernel") if mc.is_moe else None
+    expert_share = experts.addressable_shards[0].data.nbytes / experts.nbytes if experts is not None else 1.0
     losses, norms = [], []
     for step in range(20):
         # learnable sequences (random targets leave Adam amplifying float32 noise): counting by 1..3
@@ -66,7 +73,7 @@ for run in runs.split(","):
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
         np.savez(f"{out}/{name}-{kind}.npz", loss=losses, grad_norm=norms, total_bytes=total, first_bytes=first,
-                 **flat)
+                 expert_share=expert_share, **flat)
 """
 def run(args: list[str], devices: int) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
@@ -103,7 +110,7 @@ def assert_same(got: dict, want: dict, what: str, rtol: float = 1e-5) -> None:
 def reference(tmp_path_factory) -> Path:
     """One device's runs of both models."""
     path = tmp_path_factory.mktemp("ref")
-    finish(run(["dense/single,gqa/single", str(path)], 1))
+    finish(run(["dense/single,gqa/single,moe/single", str(path)], 1))
     return path
 
 
@@ -149,7 +156,7 @@ def test_layout_follows_the_logical_axis_rules():
     shapes = jax.eval_shape(lambda: step.fresh_state(step.make_model(mc, tc), mc, tc))
 
     def specs(fsdp, tensor):
-        layout = Layout(AbstractMesh((8 // (fsdp * tensor), fsdp, tensor), MESH_AXES), mc)
+        layout = Layout(AbstractMesh((8 // (fsdp * tensor), fsdp, 1, tensor), MESH_AXES), mc)
         return {jax.tree_util.keystr(k): s.spec for k, s in
                 jax.tree_util.tree_leaves_with_path(layout.state_shardings(shapes))}
 
@@ -172,8 +179,26 @@ def test_layout_follows_the_logical_axis_rules():
     assert got[f".params{mlp}['up']['kernel']"] == P(None, "fsdp", "tensor")  # 96 over 4
     specs_8 = specs(8, 1)
     assert specs_8[".params['tok_emb']['embedding']"] == P(None, "fsdp")
-    assert Layout(AbstractMesh((1, 1, 4), MESH_AXES), mc.replace(vocab_size=66)).spec(("vocab", "embed"),
-                                                                                      (66, 64)) == P()
+    assert Layout(AbstractMesh((1, 1, 1, 4), MESH_AXES), mc.replace(vocab_size=66)).spec(("vocab", "embed"),
+                                                                                         (66, 64)) == P()
+
+
+# FSDP.TENSOR.EXPERT on 8 devices: data 2 x expert 4; fsdp 2 x expert 2 x tensor 2
+MESHES_EP = ("1.1.4", "2.2.2")
+
+
+def test_expert_parallelism_equals_single_device(reference, tmp_path):
+    """A mixture of experts with its experts split over an expert axis
+    trains the single device's run: losses, grad norms (a gradient counted
+    twice across the expert axis, the kind of bug reported for EP, changes
+    the norm) and params; each device holds 1 / expert of the experts."""
+    finish(run([",".join(f"moe/{k}" for k in MESHES_EP), str(tmp_path)], 8))
+    want = load(reference / "moe-single.npz")
+    for kind in MESHES_EP:
+        got = load(tmp_path / f"moe-{kind}.npz")
+        assert_same(got, want, f"moe on mesh fsdp.tensor.expert={kind}")
+        fsdp, tensor, expert = map(int, kind.split("."))
+        assert float(got["expert_share"]) == pytest.approx(1 / (fsdp * tensor * expert)), kind
 
 
 def test_two_processes_equal_one(reference, tmp_path):

@@ -200,7 +200,7 @@ def test_plan_counts_loops_and_shards(plans):
     whole = single["param_bytes"] + single["optimizer_bytes"]
     assert whole == pytest.approx(12 * single["params"], rel=0.01)
     assert (fsdp8["param_bytes"] + fsdp8["optimizer_bytes"]) < 0.2 * whole  # norm gains stay whole
-    assert single["temp_bytes"] > 0 and single["mesh"] == "data 1 x fsdp 1 x tensor 1"
+    assert single["temp_bytes"] > 0 and single["mesh"] == "data 1" and fsdp8["mesh"] == "data 1 x fsdp 8"
 
 
 def test_plan_command_line(tmp_path):
@@ -222,15 +222,17 @@ def test_plan_of_a_7b_model_on_64_devices():
     as fsdp 64 and as fsdp 16 x tensor 4; params + AdamW moments per device
     within 10% of (4 + 8) x params / 64, and the FLOPs of one step within
     the usual bounds: at least 6 x params x tokens (forward and backward) and
-    at most 8 x (remat: the forward twice) plus attention."""
+    at most 8 x (remat: the forward twice) plus attention. Mixtral-8x7B's
+    shape with capacity dispatch on fsdp 8 x expert 8 fits the same 10%."""
     script = r"""
 import json, jax
 jax.config.update("jax_num_cpu_devices", 64)
 from gptcore.presets import load_config
 from jaxgpt.plan import make_plan
 out = []
-for mesh in (["train.fsdp=64"], ["train.fsdp=16", "train.tensor=4"]):
-    c = load_config("llama2_7b", mesh)
+for name, mesh in (("llama2_7b", ["train.fsdp=64"]), ("llama2_7b", ["train.fsdp=16", "train.tensor=4"]),
+                   ("mixtral_8x7b", ["train.fsdp=8", "train.expert=8", "model.moe_impl=capacity"])):
+    c = load_config(name, mesh)
     out.append({**make_plan(c["model"], c["train"], jax.devices()).__dict__})
 print(json.dumps(out))
 """
@@ -238,7 +240,11 @@ print(json.dumps(out))
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for plan in json.loads(proc.stdout.strip().splitlines()[-1]):
+    *llamas, mixtral = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert mixtral["mesh"] == "data 1 x fsdp 8 x expert 8" and 46.6e9 < mixtral["params"] < 46.8e9
+    analytic = 12 * mixtral["params"] / 64
+    assert abs(mixtral["param_bytes"] + mixtral["optimizer_bytes"] - analytic) <= 0.1 * analytic, mixtral
+    for plan in llamas:
         assert 6.7e9 < plan["params"] < 6.8e9
         analytic = 12 * plan["params"] / 64
         assert abs(plan["param_bytes"] + plan["optimizer_bytes"] - analytic) <= 0.1 * analytic, plan
