@@ -74,6 +74,7 @@ class ModelConfig:
     shared_expert: bool = False  # DeepSeek-style expert applied to every token
     router_bias: bool = False
     aux_loss_coef: float = 0.0  # Switch / Mixtral load-balancing loss weight
+    router_z_loss: float = 0.0  # ST-MoE router z-loss weight: mean over tokens of logsumexp(router logits)^2
     moe_impl: Literal["dense", "capacity", "ragged"] = "dense"  # how tokens reach their experts (the same
     # function when nothing is dropped; no parameter changes): "dense" every expert on every token, combined by
     # the routing weights (the reference); "capacity" sort-based dispatch into per-expert buffers of
@@ -231,6 +232,7 @@ def _check_values(c: ModelConfig) -> None:
     else:
         require(not c.shared_expert, "shared_expert", "needs n_experts >= 2")
     require(c.aux_loss_coef >= 0.0, "aux_loss_coef", "must be >= 0")
+    require(c.router_z_loss >= 0.0, "router_z_loss", "must be >= 0")
     require(c.capacity_factor > 0.0, "capacity_factor", "must be positive")
     require(c.attn_out_proj or c.q_dim == c.d_model, "attn_out_proj",
             f"False needs n_heads * head_dim == d_model (got {c.q_dim} and {c.d_model})")

@@ -85,7 +85,7 @@ class MoE(nn.Module):
             out = sparse(experts.variables["params"], x, top_idx, weights)
         if c.shared_expert:
             out = out + MLP(c, self.dtype, self.kernels, self.deterministic, name="shared_expert")(x)
-        return out, load_balancing_loss(logits, choice, valid)
+        return out, load_balancing_loss(logits, choice, valid), router_z_loss(logits, valid)
 
     def _capacity(self, w, x, top_idx, weights):  # (B, T, C), (B, T, k) x2 -> (B, T, C)
         """Each sequence is a group with its own buffers (its rows stay on the
@@ -129,6 +129,14 @@ class MoE(nn.Module):
             h = ops.activation(c.mlp, linear("up", h))
         rng = None if self.deterministic or c.mlp_dropout == 0.0 else self.make_rng("dropout")
         return linear("down", ops.dropout(h, c.mlp_dropout, rng))
+
+
+def router_z_loss(logits, valid):
+    """ST-MoE's router z-loss, the mean over valid tokens of
+    logsumexp(router logits)^2: it keeps the router's logits small.
+    (B, T, E), (B, T) -> ()."""
+    w = valid.astype(jnp.float32)
+    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * w) / jnp.maximum(w.sum(), 1.0)
 
 
 def load_balancing_loss(logits, choice, valid):

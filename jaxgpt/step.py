@@ -2,7 +2,7 @@
 
 Parallel text: torchgpt/step.py. One optimizer step:
 
-    grads = sum over A micro-batches of d/dparams [ sum_valid nll / N_valid_total + coef * aux / A ]
+    grads = sum over A micro-batches of d/dparams [ sum_valid nll / N_valid_total + (coef * aux + z_coef * z) / A ]
     grads = grads * min(1, clip / (|grads| + 1e-6))          # torch's clip_grad_norm_
     params = AdamW(lr_at(step), betas, eps, weight_decay on matrices only)(grads)
 
@@ -72,11 +72,12 @@ def fresh_state(model: GPT, mc: ModelConfig, cfg: TrainConfig) -> TrainState:
 def loss_fn(params, model: GPT, x, y, valid, rng, n_total, n_micro):
     """The micro-batch's share of the step's objective: its summed nll over
     the step's N valid positions (so A micro-batches add up to the big
-    batch's mean) plus its share of the MoE load-balancing loss."""
+    batch's mean) plus its share of the MoE load-balancing and router z-losses."""
     out = model.apply({"params": params}, x, valid=valid, deterministic=False, rngs={"dropout": rng})
     n = valid.sum().astype(jnp.float32)
     nll_sum = ops.cross_entropy(out.logits, y, valid) * n
-    objective = nll_sum / n_total + model.cfg.aux_loss_coef * out.aux_loss / n_micro
+    c = model.cfg
+    objective = nll_sum / n_total + (c.aux_loss_coef * out.aux_loss + c.router_z_loss * out.z_loss) / n_micro
     return objective, (nll_sum, out.aux_loss)
 
 

@@ -148,9 +148,9 @@ def test_moe_layer_with_tied_router_columns_shared_expert_and_aux_loss():
     x = np.random.default_rng(1).normal(size=(2, 9, cfg.d_model)).astype(np.float32)
     valid = np.ones((2, 9), bool)
     valid[1, 6:] = False
-    jout, jaux = jm.MoE(cfg).apply({"params": params}, jnp.asarray(x), jnp.asarray(valid))
+    jout, jaux, jz = jm.MoE(cfg).apply({"params": params}, jnp.asarray(x), jnp.asarray(valid))
     with torch.no_grad():
-        tout, taux = tmoe(torch.from_numpy(x), torch.from_numpy(valid))
+        tout, taux, tz = tmoe(torch.from_numpy(x), torch.from_numpy(valid))
         tlogits = tmoe.router(torch.from_numpy(x))
     _, tidx = tops.route(tlogits, cfg.top_k)
     _, jidx = jops.route(jnp.asarray(tlogits.numpy()), cfg.top_k)
@@ -159,6 +159,7 @@ def test_moe_layer_with_tied_router_columns_shared_expert_and_aux_loss():
         assert 3 not in row or (1 in row and row.index(1) < row.index(3)), row
     assert max_diff(jout, tout) <= TOL
     assert abs(float(jaux) - float(taux)) <= 1e-6
+    assert float(jz) > 0.0 and abs(float(jz) - float(tz)) <= 1e-6 * float(tz)
 
 
 # -- gradients ---------------------------------------------------------------

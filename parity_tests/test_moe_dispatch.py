@@ -28,7 +28,7 @@ IMPLS = ("capacity", "ragged")
 
 
 def preset(name: str, **changes):
-    cfg = small(load_model_config(name), aux_loss_coef=0.01, **changes)
+    cfg = small(load_model_config(name), aux_loss_coef=0.01, router_z_loss=0.001, **changes)
     return cfg.replace(capacity_factor=cfg.n_experts / cfg.top_k)  # capacity = tokens: nothing dropped
 
 
@@ -43,18 +43,19 @@ def jax_loss_and_grads(cfg, params, x, y, valid):
     def loss(p):
         out = jm.GPT(cfg).apply({"params": p}, jnp.asarray(x), valid=jnp.asarray(valid))
         ce = jops.cross_entropy(out.logits, jnp.asarray(y), jnp.asarray(valid))
-        return ce + cfg.aux_loss_coef * out.aux_loss, out
+        return ce + cfg.aux_loss_coef * out.aux_loss + cfg.router_z_loss * out.z_loss, out
     (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return (np.asarray(out.logits), float(out.aux_loss)), jm.state_arrays(grads)
+    return (np.asarray(out.logits), float(out.aux_loss), float(out.z_loss)), jm.state_arrays(grads)
 
 
 def torch_loss_and_grads(tmodel, x, y, valid):
     tmodel.zero_grad()
     out = tmodel(torch.from_numpy(x).long(), valid=torch.from_numpy(valid))
     loss = tops.cross_entropy(out.logits, torch.from_numpy(y).long(), torch.from_numpy(valid))
-    (loss + tmodel.cfg.aux_loss_coef * out.aux_loss).backward()
+    c = tmodel.cfg
+    (loss + c.aux_loss_coef * out.aux_loss + c.router_z_loss * out.z_loss).backward()
     grads = {name: p.grad.numpy().copy() for name, p in tmodel.named_parameters()}
-    return (out.logits.detach().numpy(), float(out.aux_loss)), grads
+    return (out.logits.detach().numpy(), float(out.aux_loss.detach()), float(out.z_loss.detach())), grads
 
 
 def batch(cfg):
@@ -82,6 +83,7 @@ def test_every_implementation_computes_the_dense_function(name):
     jout, jgrads = jax_loss_and_grads(dense, params, x, y, valid)
     tout, tgrads = torch_loss_and_grads(tmodel, x, y, valid)
     assert max_diff(jout[0], tout[0]) <= 1e-5
+    assert jout[2] > 0.0 and abs(jout[2] - tout[2]) <= 1e-6 * jout[2]  # the router z-loss, in the objective
     for impl in IMPLS:
         cfg = dense.replace(moe_impl=impl)
         use(tmodel, cfg)
@@ -93,7 +95,7 @@ def test_every_implementation_computes_the_dense_function(name):
         for got, want, what in ((iout, jout, f"jax {impl}"), (sout, tout, f"torch {impl}"),
                                 (iout, sout, f"jax vs torch {impl}")):
             assert max_diff(got[0], want[0]) <= 1e-5, what
-            assert abs(got[1] - want[1]) <= 1e-6, what
+            assert abs(got[1] - want[1]) <= 1e-6 and abs(got[2] - want[2]) <= 1e-6 * want[2], what
         assert_grads_close(igrads, jgrads, f"jax {impl}")
         assert_grads_close(sgrads, tgrads, f"torch {impl}")
         assert_grads_close(igrads, sgrads, f"jax vs torch {impl}")
@@ -147,7 +149,7 @@ def test_dropping_tokens_is_the_same_in_both_twins():
     layer = jm.MoE(cfg)
     moe_params = params["blocks_0"]["mlp"]
     h = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, cfg.d_model)).astype(np.float32))
-    out, _ = layer.apply({"params": moe_params}, h, jnp.ones((2, 8), bool))
+    out, _, _ = layer.apply({"params": moe_params}, h, jnp.ones((2, 8), bool))
     shared = jm.MLP(cfg).apply({"params": moe_params["shared_expert"]}, h)
     logits = h @ moe_params["router"]["kernel"] + moe_params["router"].get("bias", 0.0)
     weights, idx = jops.route(logits, cfg.top_k)

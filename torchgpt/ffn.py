@@ -73,7 +73,7 @@ class MoE(nn.Module):
             out = sparse(x, top_idx, weights)
         if c.shared_expert:
             out = out + self.shared_expert(x)
-        return out, load_balancing_loss(logits, choice, valid)
+        return out, load_balancing_loss(logits, choice, valid), router_z_loss(logits, valid)
 
     def _capacity(self, x, top_idx, weights):  # (B, T, C), (B, T, k) x2 -> (B, T, C)
         """Each sequence is a group with its own buffers: (B, E, capacity, C)."""
@@ -99,6 +99,14 @@ class MoE(nn.Module):
         ends = itertools.accumulate(sizes)
         y = torch.cat([expert(rows[end - n:end]) for expert, n, end in zip(self.experts, sizes, ends)])
         return y.new_zeros(N, C).index_add(0, token, y * weight[:, None].to(y.dtype)).reshape(B, T, C)
+
+
+def router_z_loss(logits, valid):
+    """ST-MoE's router z-loss, the mean over valid tokens of
+    logsumexp(router logits)^2: it keeps the router's logits small.
+    (B, T, E), (B, T) -> ()."""
+    w = valid.float()
+    return torch.sum(torch.logsumexp(logits, dim=-1) ** 2 * w) / w.sum().clamp(min=1.0)
 
 
 def load_balancing_loss(logits, choice, valid):

@@ -2,7 +2,7 @@
 
 Parallel text: jaxgpt/model.py (same module names, same order, same shape
 comments). `GPT(cfg)(tokens, ...)` returns a `ModelOutput(logits, cache,
-aux_loss)`; the KV cache is a plain dict passed in and returned (its k / v
+aux_loss, z_loss)`; the KV cache is a plain dict passed in and returned (its k / v
 tensors are written in place).
 
 Shape legend: B batch, T new tokens, S cached key slots, C d_model,
@@ -30,6 +30,7 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, V) float32
     cache: Cache | None  # updated KV cache, when one was passed in
     aux_loss: torch.Tensor  # () mean MoE load-balancing loss over layers (0 for dense MLPs)
+    z_loss: torch.Tensor  # () mean router z-loss over layers (0 for dense MLPs)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None) -> Cache:
@@ -127,8 +128,11 @@ class Block(nn.Module):
     def forward(self, x, layer_cache, positions, mask, valid, cache_end):
         c = self.cfg
 
-        def ffn(h):
-            return self.mlp(h, valid) if c.is_moe else (self.mlp(h), torch.zeros((), device=h.device))
+        def ffn(h):  # -> (out, (load balancing, z) losses)
+            if not c.is_moe:
+                return self.mlp(h), torch.zeros(2, device=h.device)
+            out, balance, z = self.mlp(h, valid)
+            return out, torch.stack([balance, z])
 
         if c.norm_placement == "pre":
             h, layer_cache = self.attn(self.norm1(x), positions, mask, layer_cache, cache_end)
@@ -216,7 +220,8 @@ class GPT(nn.Module):
         if cache is not None:
             new_cache = dict(cache, positions=kv_positions, valid=kv_valid,
                              end=torch.tensor(offset + T, dtype=torch.int32))
-        return ModelOutput(logits.float(), new_cache, aux.mean())
+        aux = aux.mean(0)  # (L, 2) -> (2,)
+        return ModelOutput(logits.float(), new_cache, aux[0], aux[1])
 
 
 def count_params(model: nn.Module) -> int:

@@ -23,11 +23,12 @@ from torchgpt.optim import set_lr
 def loss_fn(model: GPT, x, y, valid, n_total, n_micro):
     """The micro-batch's share of the step's objective: its summed nll over
     the step's N valid positions (so A micro-batches add up to the big
-    batch's mean) plus its share of the MoE load-balancing loss."""
+    batch's mean) plus its share of the MoE load-balancing and router z-losses."""
     out = model(x, valid=valid)
     n = valid.sum().float()
     nll_sum = ops.cross_entropy(out.logits, y, valid) * n
-    objective = nll_sum / n_total + model.cfg.aux_loss_coef * out.aux_loss / n_micro
+    c = model.cfg
+    objective = nll_sum / n_total + (c.aux_loss_coef * out.aux_loss + c.router_z_loss * out.z_loss) / n_micro
     return objective, (nll_sum, out.aux_loss)
 
 
