@@ -1,4 +1,4 @@
-"""Where a jaxgpt train step runs: one device, pmap, or a (data, fsdp, tensor) mesh.
+"""Where a jaxgpt train step runs: one device, pmap, or a (data, fsdp, expert, tensor) mesh.
 
 Every runner follows the `Runner` protocol, so jaxgpt.engine drives them alike:
 
@@ -7,9 +7,9 @@ Every runner follows the `Runner` protocol, so jaxgpt.engine drives them alike:
   local device, each device takes a slice of every micro-batch, and
   `step_fn(..., axis_name="data")` sums gradients, nll and token counts
   over devices before one identical update everywhere.
-- MeshRunner: one `jit` over a Mesh with axes ("data", "fsdp", "tensor")
+- MeshRunner: one `jit` over a Mesh with axes ("data", "fsdp", "expert", "tensor")
   (jaxgpt.sharding: the axes, the logical axis rules). The batch is split
-  over data and fsdp. With fsdp = tensor = 1 (plain data parallelism, the
+  over data, fsdp and expert. With fsdp = expert = tensor = 1 (plain data parallelism, the
   CPU default) the step is `step_fn(..., axis_name=...)` under shard_map,
   like pmap: one float32 all-reduce carries every gradient
   (step.psum_flat), where XLA's own partitioning meets the other devices
@@ -148,8 +148,8 @@ class PmapRunner:
 
 
 class MeshRunner(_OneCopy):
-    """jit over a ("data", "fsdp", "tensor") mesh: data parallel, FSDP and
-    tensor parallel in one program."""
+    """jit over a ("data", "fsdp", "expert", "tensor") mesh: data parallel,
+    FSDP, expert and tensor parallel in one program."""
 
     def __init__(self, cfg: ModelConfig, fsdp: int = 1, tensor: int = 1, devices=None, expert: int = 1):
         self.layout = Layout(make_mesh(fsdp, tensor, expert, devices), cfg)
