@@ -3,11 +3,14 @@ ragged, each twin, on one Mixtral-shaped config, side by side in one run.
 
     python benchmarks/bench_moe.py                 # the README table
     python benchmarks/bench_moe.py --steps 6       # quick look
+    python benchmarks/bench_moe.py --d-model 1024 --d-ff 3584 --layers 4 --block 1024 \
+        --vocab 32000 --dtype bfloat16            # the GPU table (benchmarks/gpu_check.sh)
 
 The config: mixtral's blocks (8 SwiGLU experts, top-2, GQA, RMSNorm, RoPE)
 at d_model 256, d_ff 1024, 2 layers, block 128, batch 8 (1,024 tokens per
-step), random tokens, dropout off. Every engine is the twin's real training
-step (bench_train's engines: jaxgpt on one XLA device, torch eager), from
+step) unless the flags say otherwise, random tokens, dropout off. Every
+engine is the twin's real training step (bench_train's engines: jaxgpt on
+one XLA device, torch eager on CUDA when present), from
 the same weights on the same batches, so the loss curves must agree; the
 table gives each one's largest relative loss difference to jax dense, and
 for capacity the fraction of (token, choice) assignments dropped in the
@@ -41,10 +44,11 @@ from gptcore.train_config import TrainConfig  # noqa: E402
 IMPLS = ("dense", "capacity", "ragged")
 
 
-def config():
-    cfg = load_model_config("mixtral").replace(vocab_size=512, context_length=128, d_model=256, n_layers=2,
-                                               d_ff=1024, capacity_factor=1.25)
-    return cfg, TrainConfig(batch_size=8, lr=1e-3, warmup_steps=2, max_steps=1000, grad_clip=1.0)
+def config(args):
+    cfg = load_model_config("mixtral").replace(
+        vocab_size=args.vocab, context_length=args.block, d_model=args.d_model, n_layers=args.layers,
+        d_ff=args.d_ff, capacity_factor=1.25)  # the preset's 8 query / 2 key-value heads
+    return cfg, TrainConfig(batch_size=args.batch, lr=1e-3, warmup_steps=2, max_steps=1000, grad_clip=1.0)
 
 
 def main() -> None:
@@ -52,9 +56,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (jax: the model's dtype; torch: autocast), float32 master weights")
+    parser.add_argument("--no-torch", action="store_true", help="jaxgpt's engines only")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    cfg, tc = config()
+    cfg, tc = config(args)
     torch.manual_seed(tc.seed)
     np_state = tm.state_arrays(tm.GPT(cfg))
     rng = np.random.default_rng(0)
@@ -62,11 +75,17 @@ def main() -> None:
         rng.integers(0, cfg.vocab_size, (1, tc.batch_size, cfg.context_length + 1)).astype(np.int32)))
         for _ in range(args.warmup + args.steps)]
     engines = []
+    bf16 = args.dtype == "bfloat16"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for impl in IMPLS:
         c = cfg.replace(moe_impl=impl)
-        j, t = JaxEngine(c, tc, np_state), TorchEngine(c, tc, np_state)
-        j.name, t.name = f"jaxgpt {impl}", f"torch eager {impl}"
-        engines += [j, t]
+        j = JaxEngine(c, tc, np_state, dtype=jnp.bfloat16 if bf16 else jnp.float32)
+        j.name = f"jaxgpt {impl}"
+        engines.append(j)
+        if not args.no_torch:
+            t = TorchEngine(c, tc, np_state, device=device, bf16=bf16)
+            t.name = f"torch eager {impl}"
+            engines.append(t)
     losses = {e.name: [] for e in engines}
     times = {e.name: [] for e in engines}
     step_of = {e.name: 0 for e in engines}
@@ -106,8 +125,9 @@ def main() -> None:
         n = min(len(losses[e.name]), len(ref))
         rel = np.max(np.abs(np.array(losses[e.name][:n]) - ref[:n]) / np.abs(ref[:n]))
         print(f"| {e.name} | {tokens / med:,.0f} | {med * 1e3:.1f} | {dense / med:.2f}x | {rel:.1e} |")
-    print(f"\n(steps {args.steps}, warmup {args.warmup}, jax {jax.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads)")
+    print(f"\n(steps {args.steps}, warmup {args.warmup}, compute {args.dtype}, jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {device}, {torch.get_num_threads()} "
+          f"torch threads)")
 
 
 def drop_fraction(cfg, params, tokens) -> float:

@@ -197,15 +197,20 @@ class JaxEngine:
 
 
 class TorchEngine:
-    def __init__(self, cfg, tc, np_state, compile_=False):
+    """torchgpt's training step; on `device`, under bf16 autocast when `bf16`."""
+
+    def __init__(self, cfg, tc, np_state, compile_=False, device="cpu", bf16=False):
         self.name = "torch.compile" if compile_ else "torch eager"
-        self.model = tm.load_state_arrays(np_state, cfg)
+        self.device, self.bf16 = torch.device(device), bf16
+        self.model = tm.load_state_arrays(np_state, cfg).to(self.device)
         self.optimizer = topt.make_optimizer(self.model, tc)
         self.module = torch.compile(self.model) if compile_ else self.model
         self.tc = tc
 
     def step(self, batch, step):
-        return tt.train_step(self.module, self.optimizer, tuple(torch.from_numpy(a) for a in batch), step, self.tc)
+        batch = tuple(torch.from_numpy(a).to(self.device) for a in batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return tt.train_step(self.module, self.optimizer, batch, step, self.tc)
 
     def loss(self, metrics):
         return metrics["loss"]
@@ -323,18 +328,19 @@ def gpt2_124m(args) -> str:
     batch = (jnp.asarray(x[..., :-1]), jnp.asarray(x[..., 1:]), jnp.ones((1, tc.batch_size, T), bool))
     lines = [f"### GPT-2 124M ({n_params / 1e6:.1f}M params, block {T}, batch {tc.batch_size}, "
              f"compute {args.dtype}, attention {args.attention}) on {jax.devices()[0].device_kind}", "",
-             "| layers | first-step compile s (trace + lower + XLA compile) | ms/step | tokens/s | MFU |",
+             "| engine | first-step compile s (trace + lower + compile) | ms/step | tokens/s | MFU |",
              "|---|---|---|---|---|"]
     peak = matmul_peak(dtype)
     flops = model_flops_per_token(cfg, n_params) * tc.batch_size * T
     for scan in (True, False) if not args.gpt2_scan_only else (True,):
         model = jm.GPT(cfg, dtype=dtype, scan_layers=scan, attention_impl=args.attention)
-        state = jt.create_state(model, jm.stack_layers(params, cfg.n_layers) if scan else params, tc)
+        fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: each engine gets its own arrays
+        state = jt.create_state(model, jm.stack_layers(fresh, cfg.n_layers) if scan else fresh, tc)
         key = jt.step_key(0, 0)
         t = time.perf_counter()
         compiled = jt.train_step.lower(state, batch, key).compile()
         compile_s = time.perf_counter() - t
-        row = f"| {'scan' if scan else 'unrolled'} | {compile_s:.1f} |"
+        row = f"| jaxgpt, {'scan' if scan else 'unrolled'} layers | {compile_s:.1f} |"
         if args.gpt2_steps > 0:
             state, m = compiled(state, batch, key)
             jax.block_until_ready(state)
@@ -350,32 +356,65 @@ def gpt2_124m(args) -> str:
             row += " - | - | - |"
         lines.append(row)
         del state
+    if args.torch and args.gpt2_steps > 0:
+        for compile_ in (False, True):
+            lines.append(torch_124m_row(cfg, tc, batch, args, compile_, flops, peak))
     lines += ["", f"MFU = {flops / 1e9:.0f} GFLOP/step (6N + 12LCT per token) / step time / peak, peak = "
-                  f"{peak / 1e12:.1f} TFLOP/s ({PEAK_SOURCE[0]})."]
+                  f"{peak / 1e12:.1f} TFLOP/s ({PEAK_SOURCE[0]}; measured {PEAK_SOURCE[1]})."]
     return "\n".join(lines)
 
 
-PEAK_SOURCE = ["measured"]
+def torch_124m_row(cfg, tc, batch, args, compile_, flops, peak) -> str:
+    """torchgpt's train step on the same batch, on CUDA when present, under
+    bf16 autocast when --dtype bfloat16 (float32 master weights, as jaxgpt's
+    bf16 compute); its attention is the readable einsum path, as jaxgpt's."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = tm.GPT(cfg).to(device)
+    optimizer = topt.make_optimizer(model, tc)
+    module = torch.compile(model) if compile_ else model
+    b = tuple(torch.from_numpy(np.array(a)).to(device) for a in batch)
+    bf16 = args.dtype == "bfloat16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        t = time.perf_counter()
+        tt.train_step(module, optimizer, b, 0, tc)  # returns Python floats: the step has finished
+        first = time.perf_counter() - t
+        ts = []
+        for i in range(args.gpt2_steps):
+            t = time.perf_counter()
+            tt.train_step(module, optimizer, b, i + 1, tc)
+            ts.append(time.perf_counter() - t)
+    med = statistics.median(ts)
+    name = f"torch{'.compile' if compile_ else ' eager'}{' (bf16 autocast)' if bf16 else ''}, {device.type}"
+    return (f"| {name} | {max(first - med, 0):.1f} | {med * 1e3:.0f} | {tc.batch_size * cfg.context_length / med:,.0f}"
+            f" | {100 * flops / med / peak:.1f}% |")
+
+
+PEAK_SOURCE = ["measured", "n/a"]
 NOMINAL_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
                 "TPU v5 lite": 197e12, "TPU v5p": 459e12}  # dense bf16 FLOP/s
 
 
 def matmul_peak(dtype) -> float:
     """The device's nominal dense bf16 peak when known, else a measured big matmul."""
+    n = 8192 if jax.default_backend() != "cpu" else 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # random data: zeros run faster on some GPUs
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        mm(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    measured = 2 * n ** 3 / statistics.median(times)
+    PEAK_SOURCE[1] = f"{jnp.dtype(dtype).name} {n}^3 jax matmul on random data: {measured / 1e12:.1f} TFLOP/s"
     kind = jax.devices()[0].device_kind
     for name, peak in NOMINAL_PEAK.items():
         if name in kind:
             PEAK_SOURCE[0] = f"nominal dense bf16 of {kind}"
             return peak
-    n = 4096 if jax.default_backend() != "cpu" else 2048
-    a = jnp.ones((n, n), dtype)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(3):
-        mm(a).block_until_ready()
-    PEAK_SOURCE[0] = f"measured {jnp.dtype(dtype).name} {n}^3 matmul"
-    return 3 * 2 * n ** 3 / (time.perf_counter() - t)
+    PEAK_SOURCE[0] = "the measured matmul"
+    return measured
 
 
 def device_info() -> str:
@@ -400,6 +439,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpt2-batch", type=int, default=1)
     parser.add_argument("--gpt2-steps", type=int, default=2, help="timed 124M steps (0: compile only)")
     parser.add_argument("--gpt2-scan-only", action="store_true", help="skip the unrolled 124M compile")
+    parser.add_argument("--torch", action="store_true", help="124M: also torchgpt eager and torch.compile rows")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="124M compute dtype (default: bfloat16 on an accelerator, float32 on CPU)")
     parser.add_argument("--attention", choices=("einsum", "xla", "cudnn"), default="einsum",
