@@ -51,7 +51,7 @@ def config(args):
     return cfg, TrainConfig(batch_size=args.batch, lr=1e-3, warmup_steps=2, max_steps=1000, grad_clip=1.0)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (jax: the model's dtype; torch: autocast), float32 master weights")
     parser.add_argument("--no-torch", action="store_true", help="jaxgpt's engines only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     cfg, tc = config(args)
     torch.manual_seed(tc.seed)
@@ -104,7 +104,7 @@ def main() -> None:
         for _ in range(args.warmup):
             take(e, False)
     per_round = max(1, args.steps // args.rounds)
-    for r in range(args.rounds):
+    for r in range(min(args.rounds, args.steps)):
         for e in engines if r % 2 == 0 else engines[::-1]:
             for _ in range(per_round):
                 take(e, True)

@@ -48,6 +48,9 @@ equal loss curves need equal functions):
 - seed001_mini: configs/seed001_mini.toml (block 128, 4 layers, 128 dims), batch 16;
 - gpt2-shaped: GPT-2 small's shapes (d_model 768, 12 heads, vocab 50257) with
   2 layers, block 256, batch 4, random tokens.
+- mixtral-shaped: benchmarks/bench_moe.py's table (8 experts top-2, d_model
+  256): each model.moe_impl (dense, capacity, ragged) in each twin, side by
+  side in one run (not in the default list: `--configs mixtral-shaped`).
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from gptcore.presets import load_config, load_model_config
 from gptcore.train_config import DataConfig, TrainConfig
 from jaxgpt.runners import MeshRunner
 
+MOE_CONFIG = "mixtral-shaped"  # bench_moe.py's config and table
 NO_DROPOUT = dict(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -457,9 +461,10 @@ def main(argv=None) -> int:
         memory_probe(*args.memory_probe)
         return 0
     names = [n for n in args.configs.split(",") if n]
-    unknown = [n for n in names if n not in configs]
+    unknown = [n for n in names if n not in configs and n != MOE_CONFIG]
     if unknown:
-        print(f"error: unknown config {unknown[0]!r} (choose from {', '.join(configs)})", file=sys.stderr)
+        print(f"error: unknown config {unknown[0]!r} (choose from {', '.join([*configs, MOE_CONFIG])})",
+              file=sys.stderr)
         return 2
     if args.dtype is None:
         args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -471,6 +476,10 @@ def main(argv=None) -> int:
     ceiling = matmul_ceiling()
     print(f"fp32 2048^3 matmul ceiling: jax {ceiling['jax']:.0f} GFLOP/s, torch {ceiling['torch']:.0f} GFLOP/s\n")
     for name in names:
+        if name == MOE_CONFIG:
+            import bench_moe  # its engines are this file's
+            bench_moe.main([f"--steps={args.steps or 12}", f"--warmup={args.warmup or 2}"])
+            continue
         cfg, tc, steps, warmup = configs[name]
         print(run_config(name, cfg, tc, args.steps or steps, args.warmup or warmup, args.rounds,
                          not args.no_compile, ceiling) + "\n", flush=True)

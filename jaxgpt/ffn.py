@@ -65,7 +65,9 @@ class MoE(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, valid):  # (B, T, C), (B, T) -> (B, T, C), ()
+    def __call__(self, x, valid):  # (B, T, C), (B, T) -> (B, T, C), (), (), (E + 1,)
+        """The layer's output, its load-balancing and router z-losses, and
+        where the valid (token, choice) assignments went (routing_shares)."""
         c = self.cfg
         router = dense(c, c.d_model, c.n_experts, c.router_bias, "router", kernels="reference")  # float32
         logits = router(x.astype(jnp.float32))  # (B, T, E)
@@ -74,25 +76,30 @@ class MoE(nn.Module):
         experts = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                           in_axes=None, out_axes=0, axis_size=c.n_experts)(
             c, self.dtype, self.kernels, self.deterministic, name="experts")
+        if self.is_initializing() and c.moe_impl != "dense":
+            experts(x[:1, :1])  # the parameters are the dense path's
         if c.moe_impl == "dense":
             combine = jnp.einsum("BTk,BTkE->BTE", weights, choice)  # (B, T, E)
             expert_out = experts(x)  # (E, B, T, C)
             out = jnp.einsum("BTE,EBTC->BTC", combine.astype(expert_out.dtype), expert_out)
+        elif c.moe_impl == "capacity":
+            out, shares = self._capacity(experts.variables["params"], x, top_idx, weights, valid)
         else:
-            if self.is_initializing():
-                experts(x[:1, :1])  # the parameters are the dense path's
-            sparse = self._capacity if c.moe_impl == "capacity" else self._ragged
-            out = sparse(experts.variables["params"], x, top_idx, weights)
+            out = self._ragged(experts.variables["params"], x, top_idx, weights)
+        if c.moe_impl != "capacity":  # dropless: every assignment kept
+            shares = routing_shares(top_idx, valid[..., None], None, c.n_experts)
         if c.shared_expert:
             out = out + MLP(c, self.dtype, self.kernels, self.deterministic, name="shared_expert")(x)
-        return out, load_balancing_loss(logits, choice, valid), router_z_loss(logits, valid)
+        return out, load_balancing_loss(logits, choice, valid), router_z_loss(logits, valid), shares
 
-    def _capacity(self, w, x, top_idx, weights):  # (B, T, C), (B, T, k) x2 -> (B, T, C)
+    def _capacity(self, w, x, top_idx, weights, valid):  # (B, T, C), (B, T, k) x2, (B, T) -> (B, T, C), (E + 1,)
         """Each sequence is a group with its own buffers (its rows stay on the
         devices that hold it): (B, E, capacity, C)."""
         c, (B, T, C) = self.cfg, x.shape
         cap = c.expert_capacity(T)
         plan = ops.dispatch(top_idx, weights, c.n_experts, cap)  # (B, T*k) each
+        shares = routing_shares(plan.expert, jnp.take_along_axis(valid, plan.token, 1),
+                                plan.slot < c.n_experts * cap, c.n_experts)
         rows = jnp.take_along_axis(x, plan.token[..., None], 1)  # (B, T*k, C)
         buffers = jax.vmap(lambda r, s: jnp.zeros((c.n_experts * cap + 1, C), x.dtype).at[s].set(r))(
             rows, plan.slot)  # (B, E*cap + 1, C): the last row takes the dropped
@@ -102,7 +109,7 @@ class MoE(nn.Module):
         y = constrain(y, "expert_batch", "act_experts", None, None)
         y = jnp.concatenate([y.reshape(B, -1, C), jnp.zeros((B, 1, C), y.dtype)], 1)
         y = jnp.take_along_axis(y, plan.slot[..., None], 1) * plan.weight[..., None].astype(y.dtype)  # (B, T*k, C)
-        return jax.vmap(lambda y, t: jnp.zeros((T, C), y.dtype).at[t].add(y))(y, plan.token)
+        return jax.vmap(lambda y, t: jnp.zeros((T, C), y.dtype).at[t].add(y))(y, plan.token), shares
 
     def _ragged(self, w, x, top_idx, weights):  # (B, T, C), (B, T, k) x2 -> (B, T, C)
         """The whole batch is one group, dropless: rows sorted by expert."""
@@ -129,6 +136,18 @@ class MoE(nn.Module):
             h = ops.activation(c.mlp, linear("up", h))
         rng = None if self.deterministic or c.mlp_dropout == 0.0 else self.make_rng("dropout")
         return linear("down", ops.dropout(h, c.mlp_dropout, rng))
+
+
+def routing_shares(expert, valid, kept, n_experts: int):
+    """Where the valid (token, choice) assignments went, as shares of them:
+    (E + 1,), expert e's kept assignments at e, the dropped ones last (sums
+    to 1). expert holds one entry per assignment, any shape; valid and kept
+    (None: all) broadcast to it."""
+    w = jnp.broadcast_to(valid, expert.shape).astype(jnp.float32)
+    n = jnp.maximum(w.sum(), 1.0)
+    held = w if kept is None else w * kept
+    per_expert = jnp.zeros(n_experts, jnp.float32).at[expert.reshape(-1)].add(held.reshape(-1))
+    return jnp.concatenate([per_expert, (w - held).sum()[None]]) / n
 
 
 def router_z_loss(logits, valid):

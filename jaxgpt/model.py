@@ -2,7 +2,7 @@
 
 Parallel text: torchgpt/model.py (same module names, same order, same shape
 comments). Pure-functional: `GPT(cfg).apply(params, tokens, ...)` returns a
-`ModelOutput(logits, cache, aux_loss, z_loss)`; the KV cache is a plain dict pytree
+`ModelOutput(logits, cache, aux_loss, z_loss, routing)`; the KV cache is a plain dict pytree
 passed in and returned, never a mutable collection.
 
 Shape legend: B batch, T new tokens, S cached key slots, C d_model,
@@ -33,6 +33,8 @@ class ModelOutput(NamedTuple):
     cache: Cache | None  # updated KV cache, when one was passed in
     aux_loss: jax.Array  # () mean MoE load-balancing loss over layers (0 for dense MLPs)
     z_loss: jax.Array  # () mean router z-loss over layers (0 for dense MLPs)
+    routing: jax.Array  # (E + 1,) share of the valid (token, choice) assignments each expert kept, the
+    #                     dropped share last (MoE capacity); mean over layers; (0,) for dense MLPs
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
@@ -158,11 +160,11 @@ class Block(nn.Module):
         attn = Attention(c, self.deterministic, self.dtype, self.attention_impl, self.kernels, name="attn")
         mlp = (MoE if c.is_moe else MLP)(c, self.dtype, self.kernels, self.deterministic, name="mlp")
 
-        def ffn(h):  # -> (out, (load balancing, z) losses)
+        def ffn(h):  # -> (out, [load balancing loss, z-loss, routing shares (E + 1) if MoE])
             if not c.is_moe:
                 return mlp(h), jnp.zeros(2, jnp.float32)
-            out, balance, z = mlp(h, valid)
-            return out, jnp.stack([balance, z])
+            out, balance, z, shares = mlp(h, valid)
+            return out, jnp.concatenate([jnp.stack([balance, z]), shares])
 
         if c.norm_placement == "pre":
             h, layer_cache = attn(norm1(x), positions, mask, layer_cache, cache_end)
@@ -263,8 +265,8 @@ class GPT(nn.Module):
             new_cache = {"k": tuple(k for k, _ in layer_caches), "v": tuple(v for _, v in layer_caches),
                          "positions": kv_positions, "valid": kv_valid, "end": offset + T}
         logits = constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab")
-        aux = aux.mean(0)  # (L, 2) -> (2,)
-        return ModelOutput(logits, new_cache, aux[0], aux[1])
+        aux = aux.mean(0)  # (L, 2 [+ E + 1]) -> (2 [+ E + 1],)
+        return ModelOutput(logits, new_cache, aux[0], aux[1], aux[2:])
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, **model_kwargs) -> dict:

@@ -82,8 +82,8 @@ class _OneCopy:
     def checkpoint_state(self, state: TrainState) -> TrainState:
         return state
 
-    def metrics(self, metrics: dict) -> dict[str, float]:
-        return {k: float(v) for k, v in metrics.items()}
+    def metrics(self, metrics: dict) -> dict[str, float | list[float]]:
+        return {k: np.asarray(v).tolist() for k, v in metrics.items()}  # a float, or a list (expert_load)
 
 
 class SingleDevice(_OneCopy):
@@ -143,8 +143,8 @@ class PmapRunner:
     def checkpoint_state(self, state: TrainState) -> TrainState:
         return jax.tree_util.tree_map(lambda a: a[0], state)
 
-    def metrics(self, metrics: dict) -> dict[str, float]:
-        return {k: float(v[0]) for k, v in metrics.items()}
+    def metrics(self, metrics: dict) -> dict[str, float | list[float]]:
+        return {k: np.asarray(v[0]).tolist() for k, v in metrics.items()}
 
 
 class MeshRunner(_OneCopy):

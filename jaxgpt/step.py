@@ -78,7 +78,7 @@ def loss_fn(params, model: GPT, x, y, valid, rng, n_total, n_micro):
     nll_sum = ops.cross_entropy(out.logits, y, valid) * n
     c = model.cfg
     objective = nll_sum / n_total + (c.aux_loss_coef * out.aux_loss + c.router_z_loss * out.z_loss) / n_micro
-    return objective, (nll_sum, out.aux_loss)
+    return objective, (nll_sum, jnp.concatenate([out.aux_loss[None], out.routing]))
 
 
 def step_fn(state: TrainState, batch: Batch, rng: jax.Array, axis_name: str | tuple[str, ...] | None = None):
@@ -105,13 +105,15 @@ def step_fn(state: TrainState, batch: Batch, rng: jax.Array, axis_name: str | tu
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     grads, (nll_sums, auxs) = jax.lax.scan(micro_step, zeros, (jnp.arange(n_micro), x, y, valid))
-    nll_sum, aux = nll_sums.sum(), auxs.mean()
+    nll_sum, aux = nll_sums.sum(), auxs.mean(0)  # aux: load-balancing loss [, routing shares (E + 1)]
     if axis_name is not None:
         grads, nll_sum, aux = psum_flat((grads, nll_sum, aux / n_shards), axis_name)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll_sum / n_total, "aux_loss": aux, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": nll_sum / n_total, "aux_loss": aux[0], "grad_norm": optax.tree.norm(grads),
                "lr": state.schedule(state.step)}
+    if state.model.cfg.is_moe:
+        metrics |= {"expert_load": aux[1:-1], "dropped": aux[-1]}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

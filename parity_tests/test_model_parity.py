@@ -148,9 +148,9 @@ def test_moe_layer_with_tied_router_columns_shared_expert_and_aux_loss():
     x = np.random.default_rng(1).normal(size=(2, 9, cfg.d_model)).astype(np.float32)
     valid = np.ones((2, 9), bool)
     valid[1, 6:] = False
-    jout, jaux, jz = jm.MoE(cfg).apply({"params": params}, jnp.asarray(x), jnp.asarray(valid))
+    jout, jaux, jz, jshares = jm.MoE(cfg).apply({"params": params}, jnp.asarray(x), jnp.asarray(valid))
     with torch.no_grad():
-        tout, taux, tz = tmoe(torch.from_numpy(x), torch.from_numpy(valid))
+        tout, taux, tz, tshares = tmoe(torch.from_numpy(x), torch.from_numpy(valid))
         tlogits = tmoe.router(torch.from_numpy(x))
     _, tidx = tops.route(tlogits, cfg.top_k)
     _, jidx = jops.route(jnp.asarray(tlogits.numpy()), cfg.top_k)
@@ -160,6 +160,9 @@ def test_moe_layer_with_tied_router_columns_shared_expert_and_aux_loss():
     assert max_diff(jout, tout) <= TOL
     assert abs(float(jaux) - float(taux)) <= 1e-6
     assert float(jz) > 0.0 and abs(float(jz) - float(tz)) <= 1e-6 * float(tz)
+    want = np.bincount(np.asarray(jidx)[valid].ravel(), minlength=cfg.n_experts + 1) / (valid.sum() * cfg.top_k)
+    np.testing.assert_allclose(np.asarray(jshares), want, atol=1e-7)  # valid assignments per expert; none dropped
+    np.testing.assert_allclose(tshares.numpy(), want, atol=1e-7)
 
 
 # -- gradients ---------------------------------------------------------------

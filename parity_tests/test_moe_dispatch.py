@@ -19,6 +19,7 @@ from conftest import max_diff, small, tokens_for, twins
 
 import jaxgpt.model as jm
 import jaxgpt.ops as jops
+import torchgpt.ffn as tffn
 import torchgpt.model as tm
 import torchgpt.ops as tops
 from gptcore.presets import load_model_config
@@ -45,7 +46,8 @@ def jax_loss_and_grads(cfg, params, x, y, valid):
         ce = jops.cross_entropy(out.logits, jnp.asarray(y), jnp.asarray(valid))
         return ce + cfg.aux_loss_coef * out.aux_loss + cfg.router_z_loss * out.z_loss, out
     (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return (np.asarray(out.logits), float(out.aux_loss), float(out.z_loss)), jm.state_arrays(grads)
+    return (np.asarray(out.logits), float(out.aux_loss), float(out.z_loss), np.asarray(out.routing)), \
+        jm.state_arrays(grads)
 
 
 def torch_loss_and_grads(tmodel, x, y, valid):
@@ -55,7 +57,8 @@ def torch_loss_and_grads(tmodel, x, y, valid):
     c = tmodel.cfg
     (loss + c.aux_loss_coef * out.aux_loss + c.router_z_loss * out.z_loss).backward()
     grads = {name: p.grad.numpy().copy() for name, p in tmodel.named_parameters()}
-    return (out.logits.detach().numpy(), float(out.aux_loss.detach()), float(out.z_loss.detach())), grads
+    return (out.logits.detach().numpy(), float(out.aux_loss.detach()), float(out.z_loss.detach()),
+            out.routing.detach().numpy()), grads
 
 
 def batch(cfg):
@@ -84,6 +87,8 @@ def test_every_implementation_computes_the_dense_function(name):
     tout, tgrads = torch_loss_and_grads(tmodel, x, y, valid)
     assert max_diff(jout[0], tout[0]) <= 1e-5
     assert jout[2] > 0.0 and abs(jout[2] - tout[2]) <= 1e-6 * jout[2]  # the router z-loss, in the objective
+    routing = jout[3]  # shares of the valid assignments: E experts, then dropped (none: dense drops nothing)
+    assert routing.shape == (dense.n_experts + 1,) and routing[-1] == 0.0 and abs(routing.sum() - 1) <= 1e-6
     for impl in IMPLS:
         cfg = dense.replace(moe_impl=impl)
         use(tmodel, cfg)
@@ -96,9 +101,27 @@ def test_every_implementation_computes_the_dense_function(name):
                                 (iout, sout, f"jax vs torch {impl}")):
             assert max_diff(got[0], want[0]) <= 1e-5, what
             assert abs(got[1] - want[1]) <= 1e-6 and abs(got[2] - want[2]) <= 1e-6 * want[2], what
+            np.testing.assert_allclose(got[3], want[3], atol=1e-7, err_msg=what)  # routing shares, padding excluded
         assert_grads_close(igrads, jgrads, f"jax {impl}")
         assert_grads_close(sgrads, tgrads, f"torch {impl}")
         assert_grads_close(igrads, sgrads, f"jax vs torch {impl}")
+
+
+@pytest.mark.parametrize("name", ["seed002_moe", "mixtral"])  # expert biases, and none
+def test_torch_ragged_grouped_mm_equals_its_loop(name, monkeypatch):
+    """torchgpt's ragged path runs torch._grouped_mm where torch has it, else
+    a loop over the experts' runs of rows: the same function, gradients
+    included."""
+    assert tffn.GROUPED_MM  # the installed torch has it: this test compares the two paths
+    cfg = preset(name, moe_impl="ragged")
+    tmodel, _ = twins(cfg.replace(moe_impl="dense"))
+    use(tmodel, cfg)
+    x, y, valid = batch(cfg)
+    grouped, ggrads = torch_loss_and_grads(tmodel, x, y, valid)
+    monkeypatch.setattr(tffn, "GROUPED_MM", False)
+    loop, lgrads = torch_loss_and_grads(tmodel, x, y, valid)
+    assert max_diff(grouped[0], loop[0]) <= 1e-5 and abs(grouped[1] - loop[1]) <= 1e-6
+    assert_grads_close(ggrads, lgrads, "grouped_mm vs loop")
 
 
 def test_dispatch_plans_are_identical_and_drop_in_order():
@@ -137,10 +160,13 @@ def test_dropping_tokens_is_the_same_in_both_twins():
     use(tmodel, cfg)
     try:
         x, _, valid = batch(cfg)
-        jlogits = jm.GPT(cfg).apply({"params": params}, jnp.asarray(x), valid=jnp.asarray(valid)).logits
+        jout = jm.GPT(cfg).apply({"params": params}, jnp.asarray(x), valid=jnp.asarray(valid))
         with torch.no_grad():
-            tlogits = tmodel(torch.from_numpy(x).long(), valid=torch.from_numpy(valid)).logits
-        assert max_diff(jlogits, tlogits) <= 1e-5
+            tout = tmodel(torch.from_numpy(x).long(), valid=torch.from_numpy(valid))
+        jlogits = jout.logits
+        assert max_diff(jlogits, tout.logits) <= 1e-5
+        np.testing.assert_allclose(np.asarray(jout.routing), tout.routing.numpy(), atol=1e-7)
+        assert float(jout.routing[-1]) >= 0.25 and abs(float(jout.routing.sum()) - 1) <= 1e-6
         dense_logits = jm.GPT(cfg.replace(moe_impl="dense")).apply({"params": params}, jnp.asarray(x)).logits
         assert max_diff(jlogits, dense_logits) > 1e-3  # something was dropped
     finally:
@@ -149,7 +175,9 @@ def test_dropping_tokens_is_the_same_in_both_twins():
     layer = jm.MoE(cfg)
     moe_params = params["blocks_0"]["mlp"]
     h = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, cfg.d_model)).astype(np.float32))
-    out, _, _ = layer.apply({"params": moe_params}, h, jnp.ones((2, 8), bool))
+    valid = np.ones((2, 8), bool)
+    valid[1, 6:] = False  # padding: its assignments count nowhere
+    out, _, _, shares = layer.apply({"params": moe_params}, h, jnp.asarray(valid))
     shared = jm.MLP(cfg).apply({"params": moe_params["shared_expert"]}, h)
     logits = h @ moe_params["router"]["kernel"] + moe_params["router"].get("bias", 0.0)
     weights, idx = jops.route(logits, cfg.top_k)
@@ -160,6 +188,12 @@ def test_dropping_tokens_is_the_same_in_both_twins():
         dropped[g, np.asarray(plan.token)[g][np.asarray(plan.slot)[g] < cfg.n_experts * cap]] = False
     assert dropped.any()
     np.testing.assert_allclose(np.asarray(out)[dropped], np.asarray(shared)[dropped], atol=1e-6)
+    # the layer's routing shares, counted here from its plan: valid assignments per expert kept, then dropped
+    kept = np.asarray(plan.slot) < cfg.n_experts * cap
+    counted = np.take_along_axis(valid, np.asarray(plan.token), 1)
+    want = np.bincount(np.asarray(plan.expert)[kept & counted], minlength=cfg.n_experts).tolist()
+    want = np.array(want + [np.sum(~kept & counted)]) / counted.sum()
+    np.testing.assert_allclose(np.asarray(shares), want, atol=1e-7)
 
 
 def test_capacity_is_one_formula():

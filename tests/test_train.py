@@ -240,3 +240,23 @@ def test_the_other_twin_resumes_a_run(preset, tmp_path, first, second):
         assert set(ours) == set(theirs)
         err = sum(float(np.sum((ours[k] - theirs[k]) ** 2)) for k in theirs) ** 0.5
         assert err <= 1e-4 * sum(float(np.sum(theirs[k] ** 2)) for k in theirs) ** 0.5
+
+
+@pytest.mark.parametrize("trainer", ["jaxgpt", "torchgpt"])
+def test_moe_runs_log_expert_load_and_dropped_share(preset, tmp_path, trainer):
+    """Each metrics.jsonl record of a mixture-of-experts run says where the
+    step's valid (token, choice) assignments went: a share per expert and
+    the dropped share, summing to 1. At capacity_factor 0.5 the experts hold
+    half the assignments, so at least half are dropped."""
+    from torchgpt import train as ttrain
+    main = {"jaxgpt": train.main, "torchgpt": ttrain.main}[trainer]
+    out = tmp_path / "moe"
+    assert main(["--config", str(preset), f"train.out_dir={out}", "model.n_experts=4", "model.top_k=2",
+                 "model.moe_impl=capacity", "model.capacity_factor=0.5", "train.max_steps=10",
+                 "train.sample_tokens=0"]) == 0
+    records = [r for r in training.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [5, 10]
+    for r in records:
+        assert len(r["expert_load"]) == 4 and min(r["expert_load"]) >= 0.0
+        assert abs(sum(r["expert_load"]) + r["dropped"] - 1.0) <= 1e-5
+        assert 0.5 - 1e-6 <= r["dropped"] < 1.0

@@ -2,7 +2,7 @@
 
 Parallel text: jaxgpt/model.py (same module names, same order, same shape
 comments). `GPT(cfg)(tokens, ...)` returns a `ModelOutput(logits, cache,
-aux_loss, z_loss)`; the KV cache is a plain dict passed in and returned (its k / v
+aux_loss, z_loss, routing)`; the KV cache is a plain dict passed in and returned (its k / v
 tensors are written in place).
 
 Shape legend: B batch, T new tokens, S cached key slots, C d_model,
@@ -31,6 +31,8 @@ class ModelOutput(NamedTuple):
     cache: Cache | None  # updated KV cache, when one was passed in
     aux_loss: torch.Tensor  # () mean MoE load-balancing loss over layers (0 for dense MLPs)
     z_loss: torch.Tensor  # () mean router z-loss over layers (0 for dense MLPs)
+    routing: torch.Tensor  # (E + 1,) share of the valid (token, choice) assignments each expert kept, the
+    #                        dropped share last (MoE capacity); mean over layers; (0,) for dense MLPs
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None) -> Cache:
@@ -128,11 +130,11 @@ class Block(nn.Module):
     def forward(self, x, layer_cache, positions, mask, valid, cache_end):
         c = self.cfg
 
-        def ffn(h):  # -> (out, (load balancing, z) losses)
+        def ffn(h):  # -> (out, [load balancing loss, z-loss, routing shares (E + 1) if MoE])
             if not c.is_moe:
                 return self.mlp(h), torch.zeros(2, device=h.device)
-            out, balance, z = self.mlp(h, valid)
-            return out, torch.stack([balance, z])
+            out, balance, z, shares = self.mlp(h, valid)
+            return out, torch.cat([torch.stack([balance, z]), shares])
 
         if c.norm_placement == "pre":
             h, layer_cache = self.attn(self.norm1(x), positions, mask, layer_cache, cache_end)
@@ -220,8 +222,8 @@ class GPT(nn.Module):
         if cache is not None:
             new_cache = dict(cache, positions=kv_positions, valid=kv_valid,
                              end=torch.tensor(offset + T, dtype=torch.int32))
-        aux = aux.mean(0)  # (L, 2) -> (2,)
-        return ModelOutput(logits.float(), new_cache, aux[0], aux[1])
+        aux = aux.mean(0)  # (L, 2 [+ E + 1]) -> (2 [+ E + 1],)
+        return ModelOutput(logits.float(), new_cache, aux[0], aux[1], aux[2:])
 
 
 def count_params(model: nn.Module) -> int:

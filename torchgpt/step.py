@@ -29,7 +29,7 @@ def loss_fn(model: GPT, x, y, valid, n_total, n_micro):
     nll_sum = ops.cross_entropy(out.logits, y, valid) * n
     c = model.cfg
     objective = nll_sum / n_total + (c.aux_loss_coef * out.aux_loss + c.router_z_loss * out.z_loss) / n_micro
-    return objective, (nll_sum, out.aux_loss)
+    return objective, (nll_sum, torch.cat([out.aux_loss[None], out.routing]))
 
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch, step: int, cfg: TrainConfig) -> dict:
@@ -41,7 +41,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch, step: int, c
     lr = set_lr(optimizer, step, cfg)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    nll_sum, aux = 0.0, 0.0
+    nll_sum, aux = 0.0, 0.0  # aux: load-balancing loss [, routing shares (E + 1)]
     for i in range(n_micro):
         objective, (nll_i, aux_i) = loss_fn(model, x[i], y[i], valid[i], n_total, n_micro)
         objective.backward()
@@ -52,7 +52,10 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch, step: int, c
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
     optimizer.step()
-    return {"loss": float(nll_sum / n_total), "aux_loss": float(aux), "grad_norm": float(grad_norm), "lr": lr}
+    metrics = {"loss": float(nll_sum / n_total), "aux_loss": float(aux[0]), "grad_norm": float(grad_norm), "lr": lr}
+    if model.cfg.is_moe:
+        metrics |= {"expert_load": aux[1:-1].tolist(), "dropped": float(aux[-1])}
+    return metrics
 
 
 @torch.no_grad()
