@@ -48,6 +48,9 @@ equal loss curves need equal functions):
 - seed001_mini: configs/seed001_mini.toml (block 128, 4 layers, 128 dims), batch 16;
 - gpt2-shaped: GPT-2 small's shapes (d_model 768, 12 heads, vocab 50257) with
   2 layers, block 256, batch 4, random tokens.
+- gpt2-b8-plain, gpt2-b8-chunked: the same at batch 8 with train.loss_chunk
+  0 (the (B, T, V) logits materialised) and 1024 (the chunked loss); not in
+  the default list.
 - mixtral-shaped: benchmarks/bench_moe.py's table (8 experts top-2, d_model
   256): each model.moe_impl (dense, capacity, ragged) in each twin, side by
   side in one run (not in the default list: `--configs mixtral-shaped`).
@@ -97,6 +100,11 @@ def bench_configs():
                          40, 5),
         "gpt2-shaped": (load_model_config("gpt2").replace(n_layers=2, context_length=256, **NO_DROPOUT),
                         train.replace(batch_size=4), 12, 3),
+        # the chunked loss's measurement: the gpt2 preset's shapes, batch 8 x 256, without and with it
+        "gpt2-b8-plain": (load_model_config("gpt2").replace(n_layers=2, context_length=256, **NO_DROPOUT),
+                          train.replace(batch_size=8, loss_chunk=0), 8, 2),
+        "gpt2-b8-chunked": (load_model_config("gpt2").replace(n_layers=2, context_length=256, **NO_DROPOUT),
+                            train.replace(batch_size=8, loss_chunk=1024), 8, 2),
     }
 
 
@@ -432,7 +440,7 @@ def device_info() -> str:
 def main(argv=None) -> int:
     configs = bench_configs()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default=",".join(configs), help="comma-separated, from: " + ", ".join(configs))
+    parser.add_argument("--configs", default="nanogpt,seed001_mini,gpt2-shaped", help="comma-separated, from: " + ", ".join(configs))
     parser.add_argument("--steps", type=int, default=None, help="timed steps per engine (default: per config)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: per config)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaving rounds")

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from gptcore import training
 from gptcore.errors import Stopped
 from gptcore.lock import run_lock
+from gptcore.loggers import Loggers
 from gptcore.run import Run, check_out_dir
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
 
@@ -113,9 +114,13 @@ def _train(run: Run, engine: Engine) -> dict:
         start, loop_state = engine.restore()
         stopper.load(loop_state["early_stopping"])
         last_val = loop_state.get("val_loss")
-    log = training.MetricsLog(out / training.METRICS_FILE, start if run.mode == "resume" else None, lead)
+    resumed = run.mode == "resume"
+    log = training.MetricsLog(out / training.METRICS_FILE, start if resumed else None, lead,
+                              also=Loggers(tc, out, run.to_dict(), resumed, lead))
     say(training.describe_budget(engine.n_params(), tc, T, len(train_tokens)))
     say(f"devices: {engine.describe()}")
+    if run.mode == "finetune":
+        say(f"fine-tuning {run.init_from} (its weights, architecture and tokenizer)")
     if start == 0:
         last_val = engine.evaluate(evals)
         log.write({"step": 0, "val_loss": last_val})
@@ -149,9 +154,11 @@ def _train(run: Run, engine: Engine) -> dict:
                     break
             if stop:
                 bar.close()
+                log.close()
                 stop_after(run, engine, handle, done, {"early_stopping": stopper.state(), "val_loss": last_val},
                            stop[0])
     bar.close()
+    log.close()
 
     engine.load_best(stopper.best_step, done)
     engine.close()
@@ -181,11 +188,16 @@ def stop_after(run: Run, engine: Engine, handle, done: int, loop_state: dict, si
 
 
 def write_sample(run: Run, engine: Engine, path: Path) -> str:
-    """train.sample_tokens tokens after a newline (nanoGPT's start) into path."""
+    """train.sample_tokens tokens after a newline (nanoGPT's start) into
+    path; a tokenizer with no newline starts from its eos (GPT-2's start),
+    which the text leaves out."""
     tok, tc = run.tokenizer, run.train
-    newline = tok.kind == "char" and tok.token_to_id("\n") is not None
-    prompt = tok.encode("\n") if newline else [0]
-    text = tok.decode(prompt + engine.sample(prompt, tc.sample_tokens, tc.sample_temperature, tc.seed))
+    prompt = tok.encode("\n") if tok.kind != "char" or tok.token_to_id("\n") is not None else []
+    newline = bool(prompt) and tok.decode(prompt) == "\n"
+    if not newline:
+        prompt = [tok.eos_id if tok.eos_id is not None else 0]
+    ids = engine.sample(prompt, tc.sample_tokens, tc.sample_temperature, tc.seed)
+    text = tok.decode(prompt + ids if newline else ids)
     path.write_text(text, encoding="utf-8")
     return text
 

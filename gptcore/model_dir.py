@@ -11,6 +11,7 @@ jaxgpt.checkpoint and torchgpt.checkpoint add the weights of their framework.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -46,10 +47,22 @@ def write_model_dir(directory: str | Path, cfg: ModelConfig, tokenizer_file: str
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
     write_weights(tmp)
+    with_user_permissions(tmp)
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
     return directory
+
+
+def with_user_permissions(path: Path) -> None:
+    """Give path (a file, or a directory and all inside it) the modes the
+    user's umask gives new files and folders: some writers (safetensors)
+    create files readable by their owner alone."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def find_model_dir(directory: str | Path, weights: tuple[str, ...]) -> Path:

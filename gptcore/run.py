@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from gptcore.budget import check_fits
 from gptcore.cli import Parser
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.corpus import corpus_from_spec
+from gptcore.loggers import check_loggers
 from gptcore.errors import RunError  # noqa: F401  (gptcore.run.RunError, as the trainers import it)
 from gptcore.model_dir import MODEL_WEIGHTS, CheckpointError, find_model_dir, read_model_config, tokenizer_path
 from gptcore.presets import apply_override, build_section, load_sections, preset_names, preset_summary, to_toml
@@ -112,6 +114,7 @@ def resolve_checked(preset: str | None, overrides: list[str], resume: bool = Fal
     the machine stops here, before anything is built."""
     run = resolve(preset, overrides, resume)
     check_fits(run.model, run.train)
+    check_loggers(run.train)
     return run
 
 
@@ -136,16 +139,30 @@ def _tables(preset: str | None, overrides: list[str], resume: bool) -> tuple[dic
     return tables, f"{out_dir}/{CONFIG_FILE}"
 
 
+VOCAB_PAD_MARGIN = 128  # padding a vocabulary up to this many unused rows (a multiple of 64, ...) is quiet
+
+
 def model_config(tables: dict, vocab_size: int, source: str = "config") -> ModelConfig:
-    """The [model] section with vocab_size taken from the tokenizer: a preset
-    may pad the vocabulary (a larger vocab_size) but never truncate it."""
+    """The [model] section with vocab_size taken from the tokenizer (absent
+    or "auto"): a preset may pad the vocabulary (a larger vocab_size; more
+    than VOCAB_PAD_MARGIN unused rows get a warning with their cost) but
+    never truncate it."""
     table = dict(tables.get("model", {}))
     given = table.get("vocab_size")
-    if given is not None and isinstance(given, int) and given < vocab_size:
+    if given is None or given == "auto":
+        given = vocab_size
+    elif isinstance(given, int) and given < vocab_size:
         raise ConfigError(f"{source}: model.vocab_size = {given} is smaller than the tokenizer's "
-                          f"{vocab_size} tokens (drop it from the preset to take the tokenizer's)")
-    table["vocab_size"] = given if given is not None else vocab_size
-    return build_section("model", table, source)
+                          f"{vocab_size} tokens (pass model.vocab_size=auto to take the tokenizer's)")
+    table["vocab_size"] = given
+    cfg = build_section("model", table, source)
+    unused = cfg.vocab_size - vocab_size
+    if unused > VOCAB_PAD_MARGIN:
+        params = unused * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+        print(f"warning: model.vocab_size = {cfg.vocab_size} leaves {unused:,} of its rows unused by the "
+              f"{vocab_size}-token tokenizer: {params / 1e6:.1f}M parameters, {16 * params / 2**20:,.0f} MiB of "
+              f"weights, gradients and Adam moments (model.vocab_size=auto drops them)", file=sys.stderr)
+    return cfg
 
 
 def finetune_config(loaded: ModelConfig, tables: dict) -> ModelConfig:
@@ -157,16 +174,30 @@ def finetune_config(loaded: ModelConfig, tables: dict) -> ModelConfig:
 
 def check_out_dir(out_dir: Path, resume: bool) -> None:
     """A fresh run never writes over a previous run or a user's files; a
-    resumed one needs a checkpoint."""
+    resumed one needs a checkpoint. Each refusal names the way out."""
     checkpoints = out_dir / "checkpoints"
+    has_checkpoint = checkpoints.is_dir() and any(checkpoints.iterdir())
     if resume:
-        if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
-            raise RunError(f"--resume: no checkpoint in {checkpoints} (nothing to resume)")
+        if not has_checkpoint:
+            raise RunError(f"--resume: no checkpoint in {checkpoints} (the run stopped before its first one): "
+                           f"start afresh in another train.out_dir (e.g. train.out_dir={free_name(out_dir)}), "
+                           f"or delete {out_dir} and run again")
         return
     existing = [name for name in OUTPUTS if (out_dir / name).exists()]
+    if existing and has_checkpoint:
+        raise RunError(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with --resume, or "
+                       f"start another with train.out_dir={free_name(out_dir)}")
     if existing:
-        raise RunError(f"{out_dir} already holds a run ({', '.join(existing)}): pass --resume to continue it "
-                       f"or choose another train.out_dir")
+        raise RunError(f"{out_dir} holds a run that saved no checkpoint ({', '.join(existing)}): start afresh "
+                       f"with train.out_dir={free_name(out_dir)}, or delete {out_dir} and run again")
+
+
+def free_name(out_dir: Path) -> str:
+    """The first of OUT-2, OUT-3, ... that does not exist: a new run directory to suggest."""
+    n = 2
+    while out_dir.with_name(f"{out_dir.name}-{n}").exists():
+        n += 1
+    return str(out_dir.with_name(f"{out_dir.name}-{n}"))
 
 
 def print_config(args: argparse.Namespace) -> None:

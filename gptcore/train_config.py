@@ -55,6 +55,8 @@ class TrainConfig:
 
     # numerics and randomness
     dtype: str = "float32"  # compute dtype; "bfloat16" keeps float32 master weights
+    loss_chunk: int = 1024  # the loss over a vocabulary of >= CHUNKED_LOSS_VOCAB words is computed this many
+    # tokens at a time, each slice's logits recomputed in the backward pass (never all B x T x V at once); 0: off
     # jaxgpt's compiled step (the function computed is the same; torchgpt ignores them)
     scan_layers: bool = False  # one compiled layer body run L times (fast compiles of deep models)
     remat: bool = False  # recompute each layer's activations in the backward pass (less memory)
@@ -69,6 +71,9 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without improvement; 0: never
     min_delta: float = 0.0  # an improvement must lower the best val loss by more than this
     log_interval: int = 10  # steps between metrics.jsonl records
+    tensorboard: bool = False  # also write TensorBoard event files to OUT_DIR/tensorboard (needs tensorboardX)
+    wandb_project: str | None = None  # also log to this Weights & Biases project (needs wandb;
+    # WANDB_MODE=offline works without a network)
 
     # outputs
     out_dir: str = "out"
@@ -129,6 +134,17 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
+CHUNKED_LOSS_VOCAB = 8192  # below this the (B, T, V) logits are small: the plain loss
+
+
+def loss_chunk(vocab_size: int, n_tokens: int, chunk: int) -> int:
+    """Tokens per slice of the chunked cross-entropy (train.loss_chunk =
+    chunk) for a micro-batch of n_tokens, or 0 for the plain loss: a small
+    vocabulary, chunking off, or a micro-batch that fits one slice. Both
+    trainers use this rule."""
+    return 0 if chunk == 0 or vocab_size < CHUNKED_LOSS_VOCAB or n_tokens <= chunk else chunk
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based: the first update uses
     lr_at(0)). nanoGPT's get_lr exactly:
@@ -162,7 +178,7 @@ def _check_values(c) -> None:
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
                  "keep_checkpoints", "fsdp", "tensor", "expert"):
         require(getattr(c, name) > 0, name, "must be positive")
-    for name in ("warmup_steps", "patience", "sample_tokens", "cpu_devices"):
+    for name in ("warmup_steps", "patience", "sample_tokens", "cpu_devices", "loss_chunk"):
         require(getattr(c, name) >= 0, name, "must be >= 0")
     require(c.lr > 0.0, "lr", "must be positive")
     require(0.0 <= c.min_lr <= c.lr, "min_lr", f"must be in [0, lr={c.lr}]")

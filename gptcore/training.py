@@ -122,8 +122,8 @@ class MetricsLog:
     """metrics.jsonl: one JSON object per line, each with a "step". Only the
     lead process writes (enabled); the others log nothing."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True, also=None):
+        self.path, self.enabled, self.also = path, enabled, also  # also: gptcore.loggers.Loggers or None
         if enabled and resume_step is not None:  # drop what a killed run logged after its last checkpoint
             kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -132,6 +132,13 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.also is not None:
+                self.also.write(record)
+
+    def close(self) -> None:
+        if self.also is not None:
+            self.also.close()
+            self.also = None
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -35,6 +35,7 @@ class ModelOutput(NamedTuple):
     z_loss: jax.Array  # () mean router z-loss over layers (0 for dense MLPs)
     routing: jax.Array  # (E + 1,) share of the valid (token, choice) assignments each expert kept, the
     #                     dropped share last (MoE capacity); mean over layers; (0,) for dense MLPs
+    hidden: jax.Array | None = None  # (B, T, C) float32 final states, instead of logits when head=False
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
@@ -203,9 +204,12 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, valid=None, cache: Cache | None = None,
-                 deterministic: bool = True) -> ModelOutput:
+                 deterministic: bool = True, head: bool = True) -> ModelOutput:
         """tokens (B, T) int; positions (B, T) int (default: 0.. or the
-        cache's next slots); valid (B, T) bool, False at padding."""
+        cache's next slots); valid (B, T) bool, False at padding. head=False
+        returns the final states (hidden) instead of logits, for a loss that
+        applies the head itself (lm_head_weights, ops.chunked_cross_entropy;
+        training only: no cache)."""
         c = self.cfg
         B, T = tokens.shape
         offset = 0 if cache is None else cache["end"]
@@ -252,6 +256,9 @@ class GPT(nn.Module):
 
         if c.norm_placement == "pre":  # post-norm blocks already end in a norm
             x = Norm(c, self.kernels, name="norm_f")(x)
+        aux = aux.mean(0)  # (L, 2 [+ E + 1]) -> (2 [+ E + 1],)
+        if not head and not self.is_initializing():
+            return ModelOutput(None, None, aux[0], aux[1], aux[2:], x.astype(jnp.float32))
         if c.tie_embeddings:
             logits = tok_emb.attend(x.astype(jnp.float32).reshape(B * T, -1)).reshape(B, T, -1)  # 2-D: see Dense
             if c.lm_head_bias:
@@ -265,8 +272,15 @@ class GPT(nn.Module):
             new_cache = {"k": tuple(k for k, _ in layer_caches), "v": tuple(v for _, v in layer_caches),
                          "positions": kv_positions, "valid": kv_valid, "end": offset + T}
         logits = constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab")
-        aux = aux.mean(0)  # (L, 2 [+ E + 1]) -> (2 [+ E + 1],)
         return ModelOutput(logits, new_cache, aux[0], aux[1], aux[2:])
+
+
+def lm_head_weights(params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array | None]:
+    """The head GPT applies to its final states: kernel (C, V) and bias (V,)
+    or None (tied: the token embedding's transpose)."""
+    if cfg.tie_embeddings:
+        return params["tok_emb"]["embedding"].T, params.get("lm_head_bias")
+    return params["lm_head"]["kernel"], params["lm_head"].get("bias")
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, **model_kwargs) -> dict:

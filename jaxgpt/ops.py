@@ -178,6 +178,29 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 # -- loss --------------------------------------------------------------------
 
+def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, bias: jax.Array | None, targets: jax.Array,
+                          valid: jax.Array, chunk: int) -> jax.Array:
+    """cross_entropy(hidden @ kernel + bias, targets, valid) computed `chunk`
+    tokens at a time, each slice's float32 logits recomputed in the backward
+    pass (jax.checkpoint): never more than (chunk, V) logits alive.
+    (B, T, C), (C, V), (V,) | None, (B, T), (B, T) -> ()."""
+    C = hidden.shape[-1]
+    h, y, v = hidden.reshape(-1, C), targets.reshape(-1), valid.reshape(-1).astype(jnp.float32)
+    pad = -h.shape[0] % chunk  # padding rows: weight 0
+    h, y, v = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(y, (0, pad)), jnp.pad(v, (0, pad))
+
+    @jax.checkpoint
+    def nll_sum(args):  # one slice: (chunk, C), (chunk,), (chunk,) -> ()
+        h, y, v = args
+        logits = jnp.dot(h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = logits if bias is None else logits + bias.astype(jnp.float32)
+        target = jnp.take_along_axis(logits, jnp.maximum(y, 0)[:, None], axis=-1)[:, 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target) * v)
+
+    sums = jax.lax.map(nll_sum, (h.reshape(-1, chunk, C), y.reshape(-1, chunk), v.reshape(-1, chunk)))
+    return sums.sum() / jnp.maximum(v.sum(), 1.0)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy over valid positions. (B, T, V), (B, T) -> ()."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

@@ -25,10 +25,11 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from gptcore import train_config
 from gptcore.config import ModelConfig
 from gptcore.train_config import TrainConfig
 from jaxgpt import ops
-from jaxgpt.model import GPT, init_params, stack_layers
+from jaxgpt.model import GPT, init_params, lm_head_weights, stack_layers
 from jaxgpt.optim import lr_schedule, make_optimizer
 
 Batch = tuple[jax.Array, jax.Array, jax.Array]  # x, y int32 and valid bool, each (A, B, T)
@@ -44,6 +45,7 @@ class TrainState(struct.PyTreeNode):
     model: GPT = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     schedule: optax.Schedule = struct.field(pytree_node=False)  # the lr of tx, for the metrics
+    loss_chunk: int = struct.field(pytree_node=False, default=0)  # train.loss_chunk (see loss_fn)
 
 
 def make_model(mc: ModelConfig, tc: TrainConfig) -> GPT:
@@ -58,7 +60,7 @@ def make_model(mc: ModelConfig, tc: TrainConfig) -> GPT:
 def create_state(model: GPT, params, cfg: TrainConfig) -> TrainState:
     tx = make_optimizer(cfg)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), model=model,
-                      tx=tx, schedule=lr_schedule(cfg))
+                      tx=tx, schedule=lr_schedule(cfg), loss_chunk=cfg.loss_chunk)
 
 
 def fresh_state(model: GPT, mc: ModelConfig, cfg: TrainConfig) -> TrainState:
@@ -69,14 +71,20 @@ def fresh_state(model: GPT, mc: ModelConfig, cfg: TrainConfig) -> TrainState:
     return create_state(model, stack_layers(params, mc.n_layers) if model.scan_layers else params, cfg)
 
 
-def loss_fn(params, model: GPT, x, y, valid, rng, n_total, n_micro):
+def loss_fn(params, model: GPT, x, y, valid, rng, n_total, n_micro, loss_chunk: int = 0):
     """The micro-batch's share of the step's objective: its summed nll over
     the step's N valid positions (so A micro-batches add up to the big
-    batch's mean) plus its share of the MoE load-balancing and router z-losses."""
-    out = model.apply({"params": params}, x, valid=valid, deterministic=False, rngs={"dropout": rng})
-    n = valid.sum().astype(jnp.float32)
-    nll_sum = ops.cross_entropy(out.logits, y, valid) * n
+    batch's mean) plus its share of the MoE load-balancing and router
+    z-losses. A large vocabulary's loss is chunked (gptcore's loss_chunk rule)."""
     c = model.cfg
+    chunk = train_config.loss_chunk(c.vocab_size, x.size, loss_chunk)
+    out = model.apply({"params": params}, x, valid=valid, deterministic=False, rngs={"dropout": rng},
+                      head=not chunk)
+    n = valid.sum().astype(jnp.float32)
+    if chunk:
+        nll_sum = ops.chunked_cross_entropy(out.hidden, *lm_head_weights(params, c), y, valid, chunk) * n
+    else:
+        nll_sum = ops.cross_entropy(out.logits, y, valid) * n
     objective = nll_sum / n_total + (c.aux_loss_coef * out.aux_loss + c.router_z_loss * out.z_loss) / n_micro
     return objective, (nll_sum, jnp.concatenate([out.aux_loss[None], out.routing]))
 
@@ -100,7 +108,7 @@ def step_fn(state: TrainState, batch: Batch, rng: jax.Array, axis_name: str | tu
     def micro_step(grads, inputs):
         i, xi, yi, vi = inputs
         (_, (nll_sum, aux)), g = grad_fn(state.params, state.model, xi, yi, vi, jax.random.fold_in(rng, i),
-                                         n_total, n_micro * n_shards)
+                                         n_total, n_micro * n_shards, state.loss_chunk)
         return jax.tree_util.tree_map(jnp.add, grads, g), (nll_sum, aux)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)

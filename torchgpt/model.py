@@ -33,6 +33,7 @@ class ModelOutput(NamedTuple):
     z_loss: torch.Tensor  # () mean router z-loss over layers (0 for dense MLPs)
     routing: torch.Tensor  # (E + 1,) share of the valid (token, choice) assignments each expert kept, the
     #                        dropped share last (MoE capacity); mean over layers; (0,) for dense MLPs
+    hidden: torch.Tensor | None = None  # (B, T, C) float32 final states, instead of logits when head=False
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None) -> Cache:
@@ -177,9 +178,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens, positions=None, valid=None, cache: Cache | None = None) -> ModelOutput:
+    def forward(self, tokens, positions=None, valid=None, cache: Cache | None = None,
+                head: bool = True) -> ModelOutput:
         """tokens (B, T) int; positions (B, T) int (default: 0.. or the
-        cache's next slots); valid (B, T) bool, False at padding."""
+        cache's next slots); valid (B, T) bool, False at padding. head=False
+        returns the final states (hidden) instead of logits, for a loss that
+        applies the head itself (lm_head_weights, ops.chunked_cross_entropy;
+        training only: no cache)."""
         c = self.cfg
         B, T = tokens.shape
         offset = 0 if cache is None else int(cache["end"])
@@ -211,6 +216,9 @@ class GPT(nn.Module):
 
         if c.norm_placement == "pre":
             x = self.norm_f(x)
+        aux = aux.mean(0)  # (L, 2 [+ E + 1]) -> (2 [+ E + 1],)
+        if not head:
+            return ModelOutput(None, None, aux[0], aux[1], aux[2:], x.float())
         if c.tie_embeddings:
             logits = x.float() @ self.tok_emb.weight.float().T
             if c.lm_head_bias:
@@ -222,8 +230,14 @@ class GPT(nn.Module):
         if cache is not None:
             new_cache = dict(cache, positions=kv_positions, valid=kv_valid,
                              end=torch.tensor(offset + T, dtype=torch.int32))
-        aux = aux.mean(0)  # (L, 2 [+ E + 1]) -> (2 [+ E + 1],)
         return ModelOutput(logits.float(), new_cache, aux[0], aux[1], aux[2:])
+
+    def lm_head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head forward applies to the final states: weight (V, C) and
+        bias (V,) or None (tied: the token embedding)."""
+        if self.cfg.tie_embeddings:
+            return self.tok_emb.weight, getattr(self, "lm_head_bias", None)
+        return self.lm_head.weight, self.lm_head.bias
 
 
 def count_params(model: nn.Module) -> int:

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from gptcore.rope import rope_inv_freq
 
@@ -179,6 +180,26 @@ def dropout(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 # -- loss --------------------------------------------------------------------
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          targets: torch.Tensor, valid: torch.Tensor, chunk: int) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T + bias, targets, valid) computed
+    `chunk` tokens at a time, each slice's float32 logits recomputed in the
+    backward pass (torch.utils.checkpoint): never more than (chunk, V)
+    logits alive. (B, T, C), (V, C), (V,) | None, (B, T), (B, T) -> ()."""
+    C = hidden.shape[-1]
+    h, y, v = hidden.reshape(-1, C), targets.reshape(-1), valid.reshape(-1).float()
+
+    def nll_sum(h, y, v):  # one slice: (chunk, C), (chunk,), (chunk,) -> ()
+        logits = (h.float() @ weight.float().T) if bias is None else torch.addmm(bias.float(), h.float(),
+                                                                                  weight.float().T)
+        target = logits.gather(-1, y.clamp(min=0)[:, None])[:, 0]
+        return torch.sum((torch.logsumexp(logits, dim=-1) - target) * v)
+
+    total = sum(torch.utils.checkpoint.checkpoint(nll_sum, h[i:i + chunk], y[i:i + chunk], v[i:i + chunk],
+                                                  use_reentrant=False) for i in range(0, h.shape[0], chunk))
+    return total / v.sum().clamp(min=1.0)
+
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                   valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,20 +14,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gptcore import train_config
 from gptcore.train_config import TrainConfig
 from torchgpt import ops
 from torchgpt.model import GPT
 from torchgpt.optim import set_lr
 
 
-def loss_fn(model: GPT, x, y, valid, n_total, n_micro):
+def loss_fn(model: GPT, x, y, valid, n_total, n_micro, loss_chunk: int = 0):
     """The micro-batch's share of the step's objective: its summed nll over
     the step's N valid positions (so A micro-batches add up to the big
-    batch's mean) plus its share of the MoE load-balancing and router z-losses."""
-    out = model(x, valid=valid)
-    n = valid.sum().float()
-    nll_sum = ops.cross_entropy(out.logits, y, valid) * n
+    batch's mean) plus its share of the MoE load-balancing and router
+    z-losses. A large vocabulary's loss is chunked (gptcore's loss_chunk rule)."""
     c = model.cfg
+    chunk = train_config.loss_chunk(c.vocab_size, x.numel(), loss_chunk)
+    out = model(x, valid=valid, head=not chunk)
+    n = valid.sum().float()
+    if chunk:
+        nll_sum = ops.chunked_cross_entropy(out.hidden, *model.lm_head_weights(), y, valid, chunk) * n
+    else:
+        nll_sum = ops.cross_entropy(out.logits, y, valid) * n
     objective = nll_sum / n_total + (c.aux_loss_coef * out.aux_loss + c.router_z_loss * out.z_loss) / n_micro
     return objective, (nll_sum, torch.cat([out.aux_loss[None], out.routing]))
 
@@ -43,7 +49,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch, step: int, c
     optimizer.zero_grad(set_to_none=True)
     nll_sum, aux = 0.0, 0.0  # aux: load-balancing loss [, routing shares (E + 1)]
     for i in range(n_micro):
-        objective, (nll_i, aux_i) = loss_fn(model, x[i], y[i], valid[i], n_total, n_micro)
+        objective, (nll_i, aux_i) = loss_fn(model, x[i], y[i], valid[i], n_total, n_micro, cfg.loss_chunk)
         objective.backward()
         nll_sum, aux = nll_sum + nll_i.detach(), aux + aux_i.detach() / n_micro
     params = [p for p in model.parameters() if p.grad is not None]

@@ -48,6 +48,7 @@ from gptcore.model_dir import (
     find_model_dir,
     read_model_config,
     tokenizer_path,
+    with_user_permissions,
     write_model_dir,
 )
 
@@ -221,6 +222,7 @@ def convert(src: str | Path, dst: str | Path, src_format: str | None = None, dst
     _remove(tmp)
     try:
         WRITERS[dst_format](tmp, ckpt, arch)
+        with_user_permissions(tmp)
     except BaseException:
         _remove(tmp)
         raise
