@@ -48,9 +48,9 @@ equal loss curves need equal functions):
 - seed001_mini: configs/seed001_mini.toml (block 128, 4 layers, 128 dims), batch 16;
 - gpt2-shaped: GPT-2 small's shapes (d_model 768, 12 heads, vocab 50257) with
   2 layers, block 256, batch 4, random tokens.
-- gpt2-b8-plain, gpt2-b8-chunked: the same at batch 8 with train.loss_chunk
-  0 (the (B, T, V) logits materialised) and 1024 (the chunked loss); not in
-  the default list.
+- gpt2-b8-plain, gpt2-b8-chunked, gpt2-b8-chunked256: the same at batch 8
+  with train.loss_chunk 0 (the (B, T, V) logits materialised), 1024 (the
+  default) and 256 (the chunked loss); not in the default list.
 - mixtral-shaped: benchmarks/bench_moe.py's table (8 experts top-2, d_model
   256): each model.moe_impl (dense, capacity, ragged) in each twin, side by
   side in one run (not in the default list: `--configs mixtral-shaped`).
@@ -105,6 +105,8 @@ def bench_configs():
                           train.replace(batch_size=8, loss_chunk=0), 8, 2),
         "gpt2-b8-chunked": (load_model_config("gpt2").replace(n_layers=2, context_length=256, **NO_DROPOUT),
                             train.replace(batch_size=8, loss_chunk=1024), 8, 2),
+        "gpt2-b8-chunked256": (load_model_config("gpt2").replace(n_layers=2, context_length=256, **NO_DROPOUT),
+                               train.replace(batch_size=8, loss_chunk=256), 8, 2),
     }
 
 
@@ -330,7 +332,8 @@ def gpt2_124m(args) -> str:
     """Compile time of the full 12-layer GPT-2 small train step (scan vs
     unrolled layers) and its steady tokens/s and MFU on this backend."""
     cfg = load_model_config("gpt2").replace(**NO_DROPOUT)
-    tc = TrainConfig(batch_size=args.gpt2_batch, max_steps=10_000)
+    tc = TrainConfig(batch_size=args.gpt2_batch, max_steps=10_000,
+                     **({} if args.loss_chunk is None else {"loss_chunk": args.loss_chunk}))
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     params = jm.init_params(cfg, 0)
     n_params = jm.count_params(params)
@@ -339,9 +342,10 @@ def gpt2_124m(args) -> str:
     x = rng.integers(0, cfg.vocab_size, (1, tc.batch_size, T + 1)).astype(np.int32)
     batch = (jnp.asarray(x[..., :-1]), jnp.asarray(x[..., 1:]), jnp.ones((1, tc.batch_size, T), bool))
     lines = [f"### GPT-2 124M ({n_params / 1e6:.1f}M params, block {T}, batch {tc.batch_size}, "
-             f"compute {args.dtype}, attention {args.attention}) on {jax.devices()[0].device_kind}", "",
-             "| engine | first-step compile s (trace + lower + compile) | ms/step | tokens/s | MFU |",
-             "|---|---|---|---|---|"]
+             f"compute {args.dtype}, attention {args.attention}, train.loss_chunk {tc.loss_chunk}) on "
+             f"{jax.devices()[0].device_kind}", "",
+             "| engine | first-step compile s (trace + lower + compile) | XLA temp GiB | ms/step | tokens/s | MFU |",
+             "|---|---|---|---|---|---|"]
     peak = matmul_peak(dtype)
     flops = model_flops_per_token(cfg, n_params) * tc.batch_size * T
     for scan in (True, False) if not args.gpt2_scan_only else (True,):
@@ -352,7 +356,8 @@ def gpt2_124m(args) -> str:
         t = time.perf_counter()
         compiled = jt.train_step.lower(state, batch, key).compile()
         compile_s = time.perf_counter() - t
-        row = f"| jaxgpt, {'scan' if scan else 'unrolled'} layers | {compile_s:.1f} |"
+        temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
+        row = f"| jaxgpt, {'scan' if scan else 'unrolled'} layers | {compile_s:.1f} | {temp:.2f} |"
         if args.gpt2_steps > 0:
             state, m = compiled(state, batch, key)
             jax.block_until_ready(state)
@@ -398,8 +403,9 @@ def torch_124m_row(cfg, tc, batch, args, compile_, flops, peak) -> str:
             ts.append(time.perf_counter() - t)
     med = statistics.median(ts)
     name = f"torch{'.compile' if compile_ else ' eager'}{' (bf16 autocast)' if bf16 else ''}, {device.type}"
-    return (f"| {name} | {max(first - med, 0):.1f} | {med * 1e3:.0f} | {tc.batch_size * cfg.context_length / med:,.0f}"
-            f" | {100 * flops / med / peak:.1f}% |")
+    tokens_per_s = tc.batch_size * cfg.context_length / med
+    mfu = 100 * flops / med / peak
+    return f"| {name} | {max(first - med, 0):.1f} | - | {med * 1e3:.0f} | {tokens_per_s:,.0f} | {mfu:.1f}% |"
 
 
 PEAK_SOURCE = ["measured", "n/a"]
@@ -440,7 +446,8 @@ def device_info() -> str:
 def main(argv=None) -> int:
     configs = bench_configs()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default="nanogpt,seed001_mini,gpt2-shaped", help="comma-separated, from: " + ", ".join(configs))
+    parser.add_argument("--configs", default="nanogpt,seed001_mini,gpt2-shaped",
+                        help="comma-separated, from: " + ", ".join([*configs, MOE_CONFIG]))
     parser.add_argument("--steps", type=int, default=None, help="timed steps per engine (default: per config)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: per config)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaving rounds")
@@ -452,6 +459,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpt2-steps", type=int, default=2, help="timed 124M steps (0: compile only)")
     parser.add_argument("--gpt2-scan-only", action="store_true", help="skip the unrolled 124M compile")
     parser.add_argument("--torch", action="store_true", help="124M: also torchgpt eager and torch.compile rows")
+    parser.add_argument("--loss-chunk", type=int, default=None, help="124M: train.loss_chunk (default: its default)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="124M compute dtype (default: bfloat16 on an accelerator, float32 on CPU)")
     parser.add_argument("--attention", choices=("einsum", "xla", "cudnn"), default="einsum",

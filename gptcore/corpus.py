@@ -98,7 +98,8 @@ def _download(url: str, fetch: Fetch | None) -> bytes:
     try:
         return (fetch or _urlopen_fetch)(url)
     except (OSError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
-        raise DataError(f"could not download {url}: {e}") from None
+        raise DataError(f"could not download {url}: {e} (offline? pass data.corpus=PATH to a local copy, or "
+                        f"the offline data.corpus=shakespeare)") from None
 
 
 def _sha256_file(path: Path) -> str:

@@ -28,8 +28,8 @@ from gptcore.budget import check_fits
 from gptcore.cli import Parser
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.corpus import corpus_from_spec
-from gptcore.loggers import check_loggers
 from gptcore.errors import RunError  # noqa: F401  (gptcore.run.RunError, as the trainers import it)
+from gptcore.loggers import check_loggers
 from gptcore.model_dir import MODEL_WEIGHTS, CheckpointError, find_model_dir, read_model_config, tokenizer_path
 from gptcore.presets import apply_override, build_section, load_sections, preset_names, preset_summary, to_toml
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE

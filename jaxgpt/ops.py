@@ -181,24 +181,52 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, bias: jax.Array | None, targets: jax.Array,
                           valid: jax.Array, chunk: int) -> jax.Array:
     """cross_entropy(hidden @ kernel + bias, targets, valid) computed `chunk`
-    tokens at a time, each slice's float32 logits recomputed in the backward
-    pass (jax.checkpoint): never more than (chunk, V) logits alive.
-    (B, T, C), (C, V), (V,) | None, (B, T), (B, T) -> ()."""
-    C = hidden.shape[-1]
+    tokens at a time: never more than (chunk, V) float32 logits alive. Under
+    differentiation each slice's gradients are made while its logits exist
+    (softmax - one_hot, then the two matmuls back to hidden and the head), so
+    nothing is recomputed. (B, T, C), (C, V), (V,) | None, (B, T), (B, T) -> ()."""
+    C, V = hidden.shape[-1], kernel.shape[-1]
     h, y, v = hidden.reshape(-1, C), targets.reshape(-1), valid.reshape(-1).astype(jnp.float32)
     pad = -h.shape[0] % chunk  # padding rows: weight 0
     h, y, v = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(y, (0, pad)), jnp.pad(v, (0, pad))
+    b = jnp.zeros((V,), jnp.float32) if bias is None else bias
+    total = _chunked_nll_sum(h.reshape(-1, chunk, C), kernel, b, y.reshape(-1, chunk), v.reshape(-1, chunk))
+    return total / jnp.maximum(v.sum(), 1.0)
 
-    @jax.checkpoint
-    def nll_sum(args):  # one slice: (chunk, C), (chunk,), (chunk,) -> ()
-        h, y, v = args
-        logits = jnp.dot(h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-        logits = logits if bias is None else logits + bias.astype(jnp.float32)
-        target = jnp.take_along_axis(logits, jnp.maximum(y, 0)[:, None], axis=-1)[:, 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target) * v)
 
-    sums = jax.lax.map(nll_sum, (h.reshape(-1, chunk, C), y.reshape(-1, chunk), v.reshape(-1, chunk)))
-    return sums.sum() / jnp.maximum(v.sum(), 1.0)
+def _slice_nll(h, kernel, b, y, v):
+    """One slice's (float32 logits (n, V), logsumexp (n,), summed weighted nll ())."""
+    logits = jnp.dot(h, kernel.astype(h.dtype), preferred_element_type=jnp.float32) + b.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, jnp.maximum(y, 0)[:, None], axis=-1)[:, 0]
+    return logits, lse, jnp.sum((lse - target) * v)
+
+
+@jax.custom_vjp
+def _chunked_nll_sum(h, kernel, b, y, v):  # (S, n, C), (C, V), (V,), (S, n) x2 -> ()
+    return jax.lax.map(lambda a: _slice_nll(a[0], kernel, b, a[1], a[2])[2], (h, y, v)).sum()
+
+
+def _chunked_nll_sum_fwd(h, kernel, b, y, v):
+    def one(grads, args):  # d nll / d (kernel, b) summed over slices; d nll / d h per slice
+        hs, ys, vs = args
+        logits, lse, nll = _slice_nll(hs, kernel, b, ys, vs)
+        d = (jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(ys, logits.shape[-1])) * vs[:, None]  # (n, V)
+        dh = jnp.dot(d.astype(hs.dtype), kernel.T.astype(hs.dtype), preferred_element_type=jnp.float32)
+        dk = jnp.dot(hs.T, d.astype(hs.dtype), preferred_element_type=jnp.float32)
+        return (grads[0] + dk, grads[1] + d.sum(0)), (nll, dh.astype(hs.dtype))
+
+    zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32))
+    (dk, db), (nlls, dh) = jax.lax.scan(one, zeros, (h, y, v))
+    return nlls.sum(), (dh, dk.astype(kernel.dtype), db.astype(b.dtype))
+
+
+def _chunked_nll_sum_bwd(res, g):
+    dh, dk, db = res
+    return (g * dh).astype(dh.dtype), (g * dk).astype(dk.dtype), (g * db).astype(db.dtype), None, None
+
+
+_chunked_nll_sum.defvjp(_chunked_nll_sum_fwd, _chunked_nll_sum_bwd)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, valid: jax.Array | None = None) -> jax.Array:

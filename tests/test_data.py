@@ -175,7 +175,8 @@ def test_download_errors_are_one_line(tmp_path):
     def offline(url):
         raise urllib.error.URLError("no route to host")
 
-    with pytest.raises(DataError, match=r"could not download https://www\.gutenberg\.org/ebooks/84\.txt\.utf-8"):
+    with pytest.raises(DataError, match=r"could not download https://www\.gutenberg\.org/ebooks/84\.txt\.utf-8.*"
+                                        r"pass data\.corpus=PATH to a local copy"):
         download_gutenberg([84], tmp_path, offline)
     error_page = FakeFetch({corpus.GUTENBERG_URL.format(id=84): b"<html>Service unavailable</html>"})
     with pytest.raises(DataError, match=r"https://www\.gutenberg\.org/ebooks/84\.txt\.utf-8 has no '\*\*\* START"):

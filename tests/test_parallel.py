@@ -31,10 +31,11 @@ from gptcore.config import ModelConfig
 from gptcore.train_config import TrainConfig
 import jaxgpt.step as js
 from jaxgpt import runners
-models = {  # dense: MHA, tied embeddings; gqa: 2 KV heads for 8 query heads, untied, scanned layers
+models = {  # dense: MHA, tied embeddings; gqa: 2 KV heads for 8 query heads, untied, scanned layers, a vocabulary
+    # large enough for the chunked loss (in slices of 8 tokens: chunked on every device of every mesh)
     "dense": (ModelConfig(vocab_size=64, context_length=16, d_model=64, n_layers=2, n_heads=8, d_ff=128,
                           qkv_fused=False), False),
-    "gqa": (ModelConfig(vocab_size=64, context_length=16, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2,
+    "gqa": (ModelConfig(vocab_size=8192, context_length=16, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2,
                         d_ff=96, position="rope", mlp="swiglu", norm="rmsnorm", qkv_fused=False,
                         tie_embeddings=False), True),
     # moe: 4 SwiGLU experts top-2 and a shared expert, capacity dispatch with room for every token
@@ -46,7 +47,7 @@ for run in runs.split(","):
     name, kind = run.split("/")
     mc, scan = models[name]
     tc = TrainConfig(batch_size=8, grad_accum=2, warmup_steps=2, max_steps=20, lr=1e-3, grad_clip=0.5, adam_eps=1e-6,
-                     scan_layers=scan)
+                     scan_layers=scan, loss_chunk=8)
     if kind in ("single", "pmap"):
         runner = runners.SingleDevice() if kind == "single" else runners.PmapRunner()
     else:

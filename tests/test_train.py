@@ -388,3 +388,43 @@ def test_a_logger_whose_package_is_missing_is_refused_before_anything_is_written
     err = capsys.readouterr().err
     assert err.startswith("error: train.wandb_project needs the wandb package") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_eval_cli_equal_between_twins_and_to_a_direct_forward(smoke_run, preset, capsys):
+    """python -m {jaxgpt,torchgpt}.eval on a run's val split: the same loss,
+    perplexity and bits per byte from both twins; with --max-tokens one
+    window longer than the context, the loss of a direct forward pass."""
+    from jaxgpt import eval as jeval
+    from jaxgpt.ops import cross_entropy
+    from torchgpt import eval as teval
+    corpus = preset.parent / "corpus.txt"
+
+    def run(main, *extra) -> dict:
+        assert main(["--checkpoint", str(smoke_run), f"data.corpus={corpus}", *extra]) == 0
+        out = capsys.readouterr().out.split()
+        return {"loss": float(out[1]), "perplexity": float(out[3]), "bits_per_byte": float(out[5]),
+                "tokens": int(out[6].strip("(").replace(",", ""))}
+
+    j, t = run(jeval.main, "--split", "val"), run(teval.main, "--split", "val")
+    assert j["tokens"] == t["tokens"] == 5_000 - 1  # 10% of the 50k characters, one token each
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert j[key] == pytest.approx(t[key], rel=1e-4)
+    assert j["perplexity"] == pytest.approx(np.exp(j["loss"]), rel=1e-3)
+    assert j["bits_per_byte"] == pytest.approx(j["loss"] / np.log(2), rel=1e-3)  # ASCII: a byte per token
+
+    cfg, params, tok_path = load_model(smoke_run)
+    T = cfg.context_length
+    tokens = np.array(Tokenizer.load(tok_path).encode(corpus.read_text(encoding="utf-8")[:T + 1]))
+    logits = GPT(cfg).apply({"params": params}, jnp.asarray(tokens[None, :T])).logits
+    direct = float(cross_entropy(logits, jnp.asarray(tokens[None, 1:])))
+    assert run(jeval.main, "--split", "train", "--max-tokens", str(T + 1))["loss"] == pytest.approx(direct, abs=1e-4)
+
+
+def test_eval_cli_bad_input_is_one_line(smoke_run, tmp_path, capsys):
+    from jaxgpt import eval as jeval
+    for argv, needle in ((["--checkpoint", str(tmp_path)], "no"), (["--checkpoint", str(smoke_run), "train.lr=1"],
+                                                                    "data.* keys only"),
+                         (["--checkpoint", str(smoke_run), "--batch-size", "0"], "--batch-size must be >= 1")):
+        assert jeval.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and needle in err and err.count("\n") == 1, err

@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from gptcore.rope import rope_inv_freq
 
@@ -184,21 +183,54 @@ def dropout(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           targets: torch.Tensor, valid: torch.Tensor, chunk: int) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, targets, valid) computed
-    `chunk` tokens at a time, each slice's float32 logits recomputed in the
-    backward pass (torch.utils.checkpoint): never more than (chunk, V)
-    logits alive. (B, T, C), (V, C), (V,) | None, (B, T), (B, T) -> ()."""
-    C = hidden.shape[-1]
-    h, y, v = hidden.reshape(-1, C), targets.reshape(-1), valid.reshape(-1).float()
-
-    def nll_sum(h, y, v):  # one slice: (chunk, C), (chunk,), (chunk,) -> ()
-        logits = (h.float() @ weight.float().T) if bias is None else torch.addmm(bias.float(), h.float(),
-                                                                                  weight.float().T)
-        target = logits.gather(-1, y.clamp(min=0)[:, None])[:, 0]
-        return torch.sum((torch.logsumexp(logits, dim=-1) - target) * v)
-
-    total = sum(torch.utils.checkpoint.checkpoint(nll_sum, h[i:i + chunk], y[i:i + chunk], v[i:i + chunk],
-                                                  use_reentrant=False) for i in range(0, h.shape[0], chunk))
+    `chunk` tokens at a time: never more than (chunk, V) float32 logits
+    alive. When gradients are wanted each slice's are made while its logits
+    exist (softmax - one_hot, then the two matmuls back to hidden and the
+    head), so nothing is recomputed. (B, T, C), (V, C), (V,) | None, (B, T), (B, T) -> ()."""
+    v = valid.reshape(-1).float()
+    total = _ChunkedNllSum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), v, chunk)
     return total / v.sum().clamp(min=1.0)
+
+
+def _slice_nll(h, weight, bias, y, v):
+    """One slice's (float32 logits (n, V), logsumexp (n,), summed weighted nll ())."""
+    logits = h.float() @ weight.float().T
+    logits = logits if bias is None else logits + bias.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(-1, y.clamp(min=0)[:, None])[:, 0]
+    return logits, lse, torch.sum((lse - target) * v)
+
+
+class _ChunkedNllSum(torch.autograd.Function):
+    """The summed nll of (N, C) hidden rows, slice by slice, with the
+    gradients made in the forward pass (jaxgpt's custom_vjp twin)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, v, chunk):  # (N, C), (V, C), (V,) | None, (N,), (N,) -> ()
+        wants = any(ctx.needs_input_grad[:3])
+        total = h.new_zeros((), dtype=torch.float32)
+        dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if wants else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if wants else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if wants else None
+        for i in range(0, h.shape[0], chunk):
+            hs, ys, vs = h[i:i + chunk], y[i:i + chunk], v[i:i + chunk]
+            logits, lse, nll = _slice_nll(hs, weight, bias, ys, vs)
+            total += nll
+            if wants:
+                d = (torch.exp(logits - lse[:, None]) - F.one_hot(ys, logits.shape[-1])) * vs[:, None]  # (n, V)
+                dh[i:i + chunk] = d @ weight.float()
+                dw += d.T @ hs.float()
+                db += d.sum(0)
+        ctx.has_bias = bias is not None
+        ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.save_for_backward(*((dh, dw, db) if wants else ()))
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw, db = ctx.saved_tensors
+        return ((g * dh).to(ctx.dtypes[0]), (g * dw).to(ctx.dtypes[1]), g * db if ctx.has_bias else None,
+                None, None, None)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
