@@ -94,12 +94,14 @@ def _urlopen_fetch(url: str) -> bytes:
         return response.read()
 
 
-def _download(url: str, fetch: Fetch | None) -> bytes:
+OFFLINE_CORPUS = "offline? pass data.corpus=PATH to a local copy, or the offline data.corpus=shakespeare"
+
+
+def _download(url: str, fetch: Fetch | None, offline: str = OFFLINE_CORPUS) -> bytes:
     try:
         return (fetch or _urlopen_fetch)(url)
     except (OSError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
-        raise DataError(f"could not download {url}: {e} (offline? pass data.corpus=PATH to a local copy, or "
-                        f"the offline data.corpus=shakespeare)") from None
+        raise DataError(f"could not download {url}: {e} ({offline})") from None
 
 
 def _sha256_file(path: Path) -> str:
@@ -121,6 +123,35 @@ def download_tiny_shakespeare(cache_dir: str | Path, fetch: Fetch | None = None)
     if got != TINY_SHAKESPEARE_SHA256:
         raise DataError(f"tiny Shakespeare from {TINY_SHAKESPEARE_URL} has sha256 {got[:12]}..., "
                         f"expected {TINY_SHAKESPEARE_SHA256[:12]}...")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
+    return path
+
+
+GPT2_TOKENIZER_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/tokenizer.json"
+GPT2_VOCAB = 50257
+
+
+def download_gpt2_tokenizer(cache_dir: str | Path, fetch: Fetch | None = None) -> Path:
+    """Path of GPT-2's tokenizer.json (Hugging Face's openai-community/gpt2)
+    in `cache_dir`, downloaded unless a cached copy reads as GPT-2's
+    byte-level BPE: 50,257 tokens, <|endoftext|> the last."""
+    import tokenizers
+    path = Path(cache_dir).expanduser() / "gpt2" / "tokenizer.json"
+
+    def is_gpt2(data: bytes) -> bool:
+        try:
+            hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception:  # not UTF-8, or tokenizers' bare Exception on JSON it cannot read
+            return False
+        return hf.get_vocab_size() == GPT2_VOCAB and hf.token_to_id("<|endoftext|>") == GPT2_VOCAB - 1
+
+    if path.is_file() and is_gpt2(path.read_bytes()):
+        return path
+    data = _download(GPT2_TOKENIZER_URL, fetch, "offline? pass data.tokenizer=PATH to a GPT-2 tokenizer.json, "
+                                                "e.g. the one in a converted GPT-2 model directory")
+    if not is_gpt2(data):
+        raise DataError(f"{GPT2_TOKENIZER_URL} did not give GPT-2's tokenizer.json ({len(data)} bytes)")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
     return path

@@ -129,6 +129,7 @@ def _train(run: Run, engine: Engine) -> dict:
     bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, disable=not lead,
                dynamic_ncols=True, file=sys.stderr)
     t0, last_logged, done = time.perf_counter(), start, start
+    began = t0  # val records carry the loop's wall time so far (time_s; a resumed run counts from its restart)
     with stop_signals(enabled=engine.processes == 1) as stop:
         for step in bar if not stopper.should_stop else ():
             handle = engine.step(step, batches.batch(step))
@@ -143,7 +144,8 @@ def _train(run: Run, engine: Engine) -> dict:
             if done % tc.eval_interval == 0 or done == tc.max_steps:
                 last_val = engine.evaluate(evals)
                 improved = stopper.update(last_val, done)
-                log.write({"step": done, "val_loss": last_val, "best_val_loss": stopper.best})
+                log.write({"step": done, "val_loss": last_val, "best_val_loss": stopper.best,
+                           "time_s": round(time.perf_counter() - began, 3)})
                 lead and bar.write(f"step {done}: val loss {last_val:.4f} (best {stopper.best:.4f} at step "
                                    f"{stopper.best_step})")
                 training.check_finite({**engine.metrics(handle), "val_loss": last_val}, done)  # no NaN params saved

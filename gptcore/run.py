@@ -27,7 +27,7 @@ from pathlib import Path
 from gptcore.budget import check_fits
 from gptcore.cli import Parser
 from gptcore.config import ConfigError, ModelConfig
-from gptcore.corpus import corpus_from_spec
+from gptcore.corpus import corpus_from_spec, download_gpt2_tokenizer
 from gptcore.errors import RunError  # noqa: F401  (gptcore.run.RunError, as the trainers import it)
 from gptcore.loggers import check_loggers
 from gptcore.model_dir import MODEL_WEIGHTS, CheckpointError, find_model_dir, read_model_config, tokenizer_path
@@ -103,10 +103,20 @@ def resolve(preset: str | None, overrides: list[str], resume: bool = False, chec
             raise CheckpointError(f"{train.init_from}: no tokenizer.json to fine-tune with")
         return Run("finetune", out_dir, finetune_config(loaded, tables), train, data, Tokenizer.load(path),
                    source_dir, text)
-    tokenizer = (Tokenizer.train_char(text) if data.tokenizer == "char"
-                 else Tokenizer.train_bpe(text, data.bpe_vocab_size))
+    tokenizer = make_tokenizer(data, text)
     return Run("fresh", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer, None,
                text)
+
+
+def make_tokenizer(data: DataConfig, text: str) -> Tokenizer:
+    """A fresh run's tokenizer: trained on the corpus (char, bpe), GPT-2's, or a tokenizer.json file."""
+    if data.tokenizer == "char":
+        return Tokenizer.train_char(text)
+    if data.tokenizer == "bpe":
+        return Tokenizer.train_bpe(text, data.bpe_vocab_size)
+    if data.tokenizer == "gpt2":
+        return Tokenizer.load(download_gpt2_tokenizer(Path(data.cache_dir).expanduser()))
+    return Tokenizer.load(Path(data.tokenizer).expanduser())
 
 
 def resolve_checked(preset: str | None, overrides: list[str], resume: bool = False) -> Run:

@@ -52,6 +52,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_CHAR = _bytes_to_unicode()
 
 
+EOS_TOKENS = ("[eos]", "<|endoftext|>")
+
+
 class Tokenizer:
     """A char or byte-level BPE tokenizer around an HF `tokenizers.Tokenizer`.
 
@@ -232,7 +235,11 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int | None:
-        return self.hf.token_to_id("[eos]")
+        """[eos] (ours), or GPT-2's <|endoftext|>."""
+        for token in EOS_TOKENS:
+            if (token_id := self.hf.token_to_id(token)) is not None:
+                return token_id
+        return None
 
     @property
     def fingerprint(self) -> str:

@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 KERNELS = ("auto", "reference", "cpu")
 PARALLELS = ("auto", "single", "pmap", "mesh")
-TOKENIZERS = ("char", "bpe")
+TOKENIZERS = ("char", "bpe", "gpt2")  # or a path to a tokenizer.json
 SAMPLERS = ("random", "sliding")
 
 
@@ -56,7 +56,7 @@ class TrainConfig:
     # numerics and randomness
     dtype: str = "float32"  # compute dtype; "bfloat16" keeps float32 master weights
     loss_chunk: int = 1024  # the loss over a vocabulary of >= CHUNKED_LOSS_VOCAB words is computed this many
-    # tokens at a time, each slice's logits recomputed in the backward pass (never all B x T x V at once); 0: off
+    # tokens at a time, each slice's gradients made with its logits (never all B x T x V at once); 0: off
     # jaxgpt's compiled step (the function computed is the same; torchgpt ignores them)
     scan_layers: bool = False  # one compiled layer body run L times (fast compiles of deep models)
     remat: bool = False  # recompute each layer's activations in the backward pass (less memory)
@@ -116,7 +116,8 @@ class DataConfig:
     """Where the text comes from and how it becomes batches."""
 
     corpus: str = "shakespeare"  # gptcore.corpus.corpus_from_spec: shakespeare | tinyshakespeare | gutenberg | path
-    tokenizer: str = "char"  # "char" or byte-level "bpe"
+    tokenizer: str = "char"  # "char", byte-level "bpe" (trained on the corpus), "gpt2" (GPT-2's, downloaded
+    # once into cache_dir) or the path of a Hugging Face tokenizer.json
     bpe_vocab_size: int = 2048
     val_fraction: float = 0.1  # the tail of the token stream held out for validation
     sampler: str = "random"  # "random" windows (nanoGPT) or "sliding" windows (seed 003)
@@ -164,13 +165,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 _CHOICES = {"decay": DECAYS, "dtype": DTYPES, "attention_impl": ATTENTION_IMPLS, "kernels": KERNELS,
             "parallel": PARALLELS,
-            "tokenizer": TOKENIZERS, "sampler": SAMPLERS}
+            "sampler": SAMPLERS}
 
 
 def _check_values(c) -> None:
     require = requirement(c)
 
     if isinstance(c, DataConfig):
+        require(c.tokenizer in TOKENIZERS or c.tokenizer.endswith(".json"), "tokenizer",
+                f"must be one of {', '.join(TOKENIZERS)} or the path of a tokenizer.json (got {c.tokenizer!r})")
         require(c.bpe_vocab_size > 0, "bpe_vocab_size", "must be positive")
         require(0.0 < c.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
         require(c.stride is None or c.stride > 0, "stride", "must be positive")

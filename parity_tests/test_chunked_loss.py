@@ -78,7 +78,7 @@ def test_trainers_loss_fn_chunked_equals_plain(tie):
     assert loss_chunk(cfg.vocab_size, 64, 16) == 16 and loss_chunk(cfg.vocab_size - 1, 64, 16) == 0
     tmodel, params = twins(cfg)
     rng = np.random.default_rng(1)
-    x, y = rng.integers(0, cfg.vocab_size, (2, 4, 16))
+    x, y = rng.integers(0, cfg.vocab_size, (2, 4, 16)).astype(np.int32)  # the trainers' batches are int32
     valid = np.ones((4, 16), bool)
     valid[2, 10:] = False
     n_total = float(valid.sum())

@@ -356,3 +356,47 @@ def test_pad_batch():
     assert x.dtype == y.dtype == np.int32 and valid.dtype == bool
     with pytest.raises(DataError, match="sequence 1 has 1 token"):
         pad_batch([[1, 2], [3]], block_size=4, pad_id=0)
+
+
+def gpt2_shaped_tokenizer_json() -> bytes:
+    """A byte-level BPE tokenizer.json with GPT-2's size and eos: the 256
+    byte symbols, filler tokens, <|endoftext|> at 50256 (no merges)."""
+    from tokenizers import decoders, models, pre_tokenizers
+    from gptcore.tokenizer import _BYTE_CHAR
+    vocab = {c: i for i, c in enumerate(_BYTE_CHAR.values())}
+    vocab |= {f"filler{i}": i for i in range(len(vocab), 50256)}
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(["<|endoftext|>"])
+    return hf.to_str().encode("utf-8")
+
+
+def test_gpt2_tokenizer_is_downloaded_once_and_offline_names_the_way_out(tmp_path, monkeypatch, capsys):
+    """data.tokenizer=gpt2 fetches GPT-2's tokenizer.json into the cache
+    (checked: 50,257 tokens, <|endoftext|> last), reuses it, and gives eos;
+    offline it is one line naming data.tokenizer=PATH; that PATH works too."""
+    from jaxgpt import train
+    fetched = []
+    monkeypatch.setattr(corpus, "_urlopen_fetch", lambda url: fetched.append(url) or gpt2_shaped_tokenizer_json())
+    path = corpus.download_gpt2_tokenizer(tmp_path)
+    assert corpus.download_gpt2_tokenizer(tmp_path) == path and fetched == [corpus.GPT2_TOKENIZER_URL]
+    tok = Tokenizer.load(path)
+    assert tok.vocab_size == 50257 and tok.eos_id == 50256 and tok.decode(tok.encode("Hi there")) == "Hi there"
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be: that is the question.\n" * 40, encoding="utf-8")
+    base = ["--config", "debug", f"data.corpus={text}", f"data.cache_dir={tmp_path}", "model.vocab_size=auto",
+            "--print-config"]
+    for spec in ("gpt2", str(path)):
+        assert train.main([*base, f"data.tokenizer={spec}"]) == 0
+        assert "vocab_size = 50257" in capsys.readouterr().out
+
+    def offline(url):
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(corpus, "_urlopen_fetch", offline)
+    assert train.main([*base, f"data.cache_dir={tmp_path / 'empty'}", "data.tokenizer=gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert "could not download" in err and "data.tokenizer=PATH" in err and err.count("\n") == 1
+    assert train.main([*base, "data.tokenizer=gpt3"]) == 2
+    assert "tokenizer: must be one of char, bpe, gpt2 or the path of a tokenizer.json" in capsys.readouterr().err

@@ -188,7 +188,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     exist (softmax - one_hot, then the two matmuls back to hidden and the
     head), so nothing is recomputed. (B, T, C), (V, C), (V,) | None, (B, T), (B, T) -> ()."""
     v = valid.reshape(-1).float()
-    total = _ChunkedNllSum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), v, chunk)
+    y = targets.reshape(-1).long().clamp(min=0)  # the batches' int32 ids index as int64
+    total = _ChunkedNllSum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, y, v, chunk)
     return total / v.sum().clamp(min=1.0)
 
 
@@ -197,7 +198,7 @@ def _slice_nll(h, weight, bias, y, v):
     logits = h.float() @ weight.float().T
     logits = logits if bias is None else logits + bias.float()
     lse = torch.logsumexp(logits, dim=-1)
-    target = logits.gather(-1, y.clamp(min=0)[:, None])[:, 0]
+    target = logits.gather(-1, y[:, None])[:, 0]
     return logits, lse, torch.sum((lse - target) * v)
 
 
