@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     """The command line both trainers take."""
     presets = "\n".join(f"  {name:<26} {preset_summary(name)}" for name in preset_names())
     parser = Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-                    description="Train a GPT. With no arguments: the seed001_mini model on the offline "
-                                "Shakespeare corpus (configs/default.toml).",
+                    description="Train a GPT. With no arguments: seed001_mini's architecture with nanoGPT's CPU "
+                                "recipe on the offline Shakespeare corpus (configs/default.toml).",
                     epilog=f"presets (--config NAME, or a TOML file of your own):\n{presets}\n\n"
                            f"Every key and its value for a run: {prog} --config NAME [overrides] --print-config")
     parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or TOML file (default: %(default)s)")

@@ -362,6 +362,7 @@ def gpt2_shaped_tokenizer_json() -> bytes:
     """A byte-level BPE tokenizer.json with GPT-2's size and eos: the 256
     byte symbols, filler tokens, <|endoftext|> at 50256 (no merges)."""
     from tokenizers import decoders, models, pre_tokenizers
+
     from gptcore.tokenizer import _BYTE_CHAR
     vocab = {c: i for i, c in enumerate(_BYTE_CHAR.values())}
     vocab |= {f"filler{i}": i for i in range(len(vocab), 50256)}

@@ -217,10 +217,12 @@ class _ChunkedNllSum(torch.autograd.Function):
             hs, ys, vs = h[i:i + chunk], y[i:i + chunk], v[i:i + chunk]
             logits, lse, nll = _slice_nll(hs, weight, bias, ys, vs)
             total += nll
-            if wants:
-                d = (torch.exp(logits - lse[:, None]) - F.one_hot(ys, logits.shape[-1])) * vs[:, None]  # (n, V)
+            if wants:  # d nll / d logits = (softmax - one_hot) * valid, made in place in the logits' buffer
+                d = logits.sub_(lse[:, None]).exp_()  # (n, V)
+                d[torch.arange(len(ys), device=d.device), ys] -= 1.0
+                d.mul_(vs[:, None])
                 dh[i:i + chunk] = d @ weight.float()
-                dw += d.T @ hs.float()
+                dw.addmm_(d.T, hs.float())
                 db += d.sum(0)
         ctx.has_bias = bias is not None
         ctx.dtypes = (h.dtype, weight.dtype)
