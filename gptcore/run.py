@@ -125,6 +125,7 @@ def resolve_checked(preset: str | None, overrides: list[str], resume: bool = Fal
     run = resolve(preset, overrides, resume)
     check_fits(run.model, run.train)
     check_loggers(run.train)
+    warn_unused_vocab(run)  # a run that goes ahead
     return run
 
 
@@ -154,9 +155,8 @@ VOCAB_PAD_MARGIN = 128  # padding a vocabulary up to this many unused rows (a mu
 
 def model_config(tables: dict, vocab_size: int, source: str = "config") -> ModelConfig:
     """The [model] section with vocab_size taken from the tokenizer (absent
-    or "auto"): a preset may pad the vocabulary (a larger vocab_size; more
-    than VOCAB_PAD_MARGIN unused rows get a warning with their cost) but
-    never truncate it."""
+    or "auto"): a preset may pad the vocabulary (a larger vocab_size; see
+    warn_unused_vocab) but never truncate it."""
     table = dict(tables.get("model", {}))
     given = table.get("vocab_size")
     if given is None or given == "auto":
@@ -165,14 +165,19 @@ def model_config(tables: dict, vocab_size: int, source: str = "config") -> Model
         raise ConfigError(f"{source}: model.vocab_size = {given} is smaller than the tokenizer's "
                           f"{vocab_size} tokens (pass model.vocab_size=auto to take the tokenizer's)")
     table["vocab_size"] = given
-    cfg = build_section("model", table, source)
-    unused = cfg.vocab_size - vocab_size
+    return build_section("model", table, source)
+
+
+def warn_unused_vocab(run: Run) -> None:
+    """One warning line when the model's vocabulary has more than
+    VOCAB_PAD_MARGIN rows its tokenizer never uses, with their cost."""
+    cfg, unused = run.model, run.model.vocab_size - run.tokenizer.vocab_size
     if unused > VOCAB_PAD_MARGIN:
         params = unused * cfg.d_model * (1 if cfg.tie_embeddings else 2)
         print(f"warning: model.vocab_size = {cfg.vocab_size} leaves {unused:,} of its rows unused by the "
-              f"{vocab_size}-token tokenizer: {params / 1e6:.1f}M parameters, {16 * params / 2**20:,.0f} MiB of "
-              f"weights, gradients and Adam moments (model.vocab_size=auto drops them)", file=sys.stderr)
-    return cfg
+              f"{run.tokenizer.vocab_size}-token tokenizer: {params / 1e6:,.1f}M parameters, "
+              f"{16 * params / 2**20:,.0f} MiB of weights, gradients and Adam moments (model.vocab_size=auto "
+              f"drops them)", file=sys.stderr)
 
 
 def finetune_config(loaded: ModelConfig, tables: dict) -> ModelConfig:
@@ -213,4 +218,6 @@ def free_name(out_dir: Path) -> str:
 def print_config(args: argparse.Namespace) -> None:
     """--print-config: the resolved run's config as TOML on stdout; as a
     --config file it gives the same run."""
-    print(to_toml(resolve(args.config, args.overrides, args.resume, check_out=False).to_dict()), end="")
+    run = resolve(args.config, args.overrides, args.resume, check_out=False)
+    warn_unused_vocab(run)
+    print(to_toml(run.to_dict()), end="")
