@@ -7,9 +7,11 @@ three cases also run as real subprocesses."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,16 @@ CASES = {
                           "not valid TOML"),
     "train_missing_preset": (jtrain.main, lambda u, o: ["--config", "no_such_preset", f"train.out_dir={o}"],
                              "no config file"),
+    "train_processes_without_coordinator": (
+        jtrain.main, lambda u, o: train_args(u, o, "--num-processes", "2", "--process-id", "1"), "need --coordinator"),
+    "train_process_id_out_of_range": (
+        jtrain.main, lambda u, o: train_args(u, o, "--coordinator", "127.0.0.1:9", "--num-processes", "2",
+                                         "--process-id", "2"), "--process-id in [0, 2)"),
+    "train_coordinator_without_port": (
+        jtrain.main, lambda u, o: train_args(u, o, "--coordinator", "localhost", "--num-processes", "2"),
+        "expected HOST:PORT"),
+    "torch_train_multi_process": (ttrain.main, lambda u, o: train_args(u, o, "--num-processes", "2"),
+                                  "one-process reference"),
     "train_bad_flag_value": (jtrain.main, lambda u, o: train_args(u, o, "--num-processes", "two"),
                              "invalid int value"),
     # jaxgpt.train: corpus
@@ -280,6 +292,24 @@ def test_cli_bad_input(name, user, capsys):
     new = [k for k in after if k not in before]
     assert not any(k.endswith(("config.json", "metrics.jsonl")) for k in new), new  # no half-made run left
     assert not any("checkpoints" in k for k in new), new
+
+
+def test_unreachable_coordinator_is_one_line_within_its_timeout(user):
+    """XLA's client aborts with a C++ stack when it cannot connect (after 5
+    minutes by default): the trainer waits JAXGPT_COORDINATOR_TIMEOUT seconds
+    for the coordinator to accept, then says so in one line."""
+    import socket
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt.train", *train_args(user, user.root / "out" / "coord"),
+                           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAXGPT_COORDINATOR_TIMEOUT="3"))
+    assert_one_line_error(proc.returncode, proc.stderr, f"cannot reach the coordinator at 127.0.0.1:{port} within 3 s")
+    assert proc.returncode == 2 and time.monotonic() - start < 60
+    assert not (user.root / "out" / "coord").exists()
 
 
 # -- real subprocesses: the exit status and stderr the shell sees ------------------------

@@ -18,7 +18,7 @@ import sys
 
 from gptcore import loop
 from gptcore.cli import guarded
-from gptcore.run import Run, parse_args, print_config, resolve_checked
+from gptcore.run import Run, RunError, parse_args, print_config, resolve_checked
 from torchgpt.engine import TorchEngine
 
 
@@ -31,7 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, "python -m torchgpt.train")
     if args.print_config:
         return guarded(lambda: print_config(args))
-    return guarded(lambda: run(resolve_checked(args.config, args.overrides, args.resume)))
+
+    def body():
+        if args.coordinator or args.num_processes is not None or args.process_id is not None:
+            raise RunError("torchgpt.train is the one-process reference: --coordinator, --num-processes and "
+                           "--process-id are jaxgpt.train's")
+        run(resolve_checked(args.config, args.overrides, args.resume))
+
+    return guarded(body)
 
 
 if __name__ == "__main__":
