@@ -25,8 +25,8 @@ from gptcore.cli import Parser, guarded
 from gptcore.corpus import corpus_from_spec
 from gptcore.data import load_tokens, prepare_tokens
 from gptcore.errors import UserError
+from gptcore.model_dir import load_with_tokenizer
 from gptcore.presets import apply_override, build_section
-from gptcore.tokenizer import Tokenizer
 
 # (model directory) -> (model config, whatever nll_sum takes as its model, tokenizer.json path or None)
 Loader = Callable[[str], tuple]
@@ -79,12 +79,7 @@ def evaluate_text(args: argparse.Namespace, load: Loader, nll_sum: NllSum) -> di
             raise EvalError(f"override {text!r}: eval takes data.* keys only (data.corpus=PATH)")
         apply_override(tables, text)
     data = build_section("data", tables.get("data", {}), "command line")
-    cfg, model, tokenizer_path = load(args.checkpoint)
-    if tokenizer_path is None:
-        raise EvalError(f"{args.checkpoint}: the model directory has no tokenizer.json")
-    tokenizer = Tokenizer.load(tokenizer_path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise EvalError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
+    cfg, model, tokenizer = load_with_tokenizer(load, args.checkpoint)
     text = corpus_from_spec(data.corpus, Path(data.cache_dir).expanduser())
     with tempfile.TemporaryDirectory() as tmp:
         prepare_tokens(text, tokenizer, tmp, data.val_fraction)

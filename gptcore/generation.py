@@ -28,6 +28,7 @@ from typing import NamedTuple, TextIO
 
 from gptcore.cli import Parser, error_line
 from gptcore.errors import UserError
+from gptcore.model_dir import load_with_tokenizer
 from gptcore.tokenizer import Tokenizer
 
 STREAM_CHUNK = 16  # tokens decoded per compiled segment between prints
@@ -151,12 +152,7 @@ def run_cli(argv: Sequence[str] | None, prog: str, load: Loader, stream: Streame
         if args.num_samples < 1:
             raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
         text = read_prompt(args, sys.stdin)
-        cfg, model, tokenizer_path = load(args.checkpoint)
-        if tokenizer_path is None:
-            raise GenerationError(f"{args.checkpoint}: the model directory has no tokenizer.json")
-        tokenizer = Tokenizer.load(tokenizer_path)
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise GenerationError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
+        cfg, model, tokenizer = load_with_tokenizer(load, args.checkpoint)
         prompt_ids = start_ids(tokenizer, text)
         for i in range(args.num_samples):
             if i:

@@ -18,6 +18,7 @@ from typing import Callable
 
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.errors import UserError
+from gptcore.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -103,3 +104,17 @@ def read_hf(directory: Path):
 def tokenizer_path(directory: Path) -> Path | None:
     path = directory / TOKENIZER_FILE
     return path if path.is_file() else None
+
+
+def load_with_tokenizer(load: Callable[[str], tuple], checkpoint: str) -> tuple[ModelConfig, object, Tokenizer]:
+    """(config, model, tokenizer) of a model directory through a twin's
+    `load(dir) -> (config, model, tokenizer.json path or None)`: the
+    commands that turn text into ids (generate, eval) need its tokenizer,
+    and one that fits the model's vocabulary."""
+    cfg, model, tokenizer_path = load(checkpoint)
+    if tokenizer_path is None:
+        raise CheckpointError(f"{checkpoint}: the model directory has no tokenizer.json")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
+    return cfg, model, tokenizer
