@@ -9,7 +9,9 @@ errors are one line, and the error boundary around a command's body.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from typing import Callable
 
 from gptcore.errors import Stopped, UserError
@@ -29,15 +31,21 @@ def error_line(e: BaseException) -> str:
     return str(e)
 
 
-def guarded(body: Callable[[], object]) -> int:
-    """Run a command's body: 0 when it returns, 2 with one line on stderr
-    for bad input (UserError) or a file the system refused (OSError), the
-    stop's own status and line when a run was stopped by a signal, 130 for
-    a Ctrl-C anywhere else."""
+def guarded(body: Callable[[], object], where: Callable[[], str] = lambda: "") -> int:
+    """Run a command's body, the one error boundary of every command line:
+    0 when it returns; 2 with one line on stderr for bad input (UserError), a
+    file the system refused (OSError) or memory the machine does not have;
+    the stop's own status and line when a run was stopped by a signal; 130
+    for a Ctrl-C anywhere else; 1 with one line naming the exception and
+    where it was raised for anything else (a bug: JAXGPT_DEBUG=1 shows its
+    traceback). `where()` prefixes each line (e.g. "process 1 of 2: ")."""
     try:
         body()
     except (UserError, OSError) as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        print(f"error: {where()}{error_line(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"error: {where()}out of memory (choose a smaller model, batch or input)", file=sys.stderr)
         return 2
     except Stopped as e:
         print(e, file=sys.stderr)
@@ -45,4 +53,22 @@ def guarded(body: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("JAXGPT_DEBUG"):
+            raise
+        print(f"error: {where()}{internal_error_line(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def internal_error_line(e: BaseException) -> str:
+    """An unexpected exception in one line: its type, first message line and
+    the innermost frame of ours (or the innermost at all) that raised it."""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if any(f"{os.sep}{pkg}{os.sep}" in f.filename for pkg in ("gptcore", "jaxgpt",
+                                                                                          "torchgpt"))]
+    frame = (ours or frames or [None])[-1]
+    at = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
+    message = (str(e).strip().splitlines() or [""])[0][:300]
+    return (f"internal error {type(e).__name__}{at}: {message} (a bug, or an input we do not check yet; "
+            f"JAXGPT_DEBUG=1 shows the traceback)")

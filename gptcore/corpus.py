@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from gptcore.data import DataError
-from gptcore.errors import write_atomic
+from gptcore.errors import check_regular_file, write_atomic
 
 Fetch = Callable[[str], bytes]  # url -> response body
 
@@ -55,7 +55,7 @@ def read_corpus(path: str | Path) -> str:
             raise DataError(f"no *.txt files in corpus directory {path}")
     else:
         files = [path]
-    text = "\n\n".join(_decode_text(f.read_bytes(), str(f)) for f in files)
+    text = "\n\n".join(_decode_text(check_regular_file(f, "corpus file").read_bytes(), str(f)) for f in files)
     if not text.strip():
         raise DataError(f"corpus at {path} is empty")
     return text

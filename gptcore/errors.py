@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -38,3 +39,20 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     else:
         tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def check_regular_file(path: str | Path, what: str, max_bytes: int | None = None) -> Path:
+    """path, when it names a regular file (after symlinks) of at most
+    max_bytes: devices (/dev/zero), FIFOs and sockets would be read forever
+    or block, and an over-large file would fill the memory before any check."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+        raise UserError(f"{what} {path} is {kind}")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise UserError(f"{what} {path} is {st.st_size:,} bytes, more than the {max_bytes:,} accepted")
+    return path

@@ -26,8 +26,8 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, TextIO
 
-from gptcore.cli import Parser, error_line
-from gptcore.errors import UserError
+from gptcore.cli import Parser, guarded
+from gptcore.errors import UserError, check_regular_file
 from gptcore.model_dir import load_with_tokenizer
 from gptcore.tokenizer import Tokenizer
 
@@ -121,8 +121,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+MAX_PROMPT_BYTES = 16 * 2**20  # far beyond any context; a larger file is a mistake
+
+
 def read_prompt(args: argparse.Namespace, stdin: TextIO) -> str:
     if args.prompt_file is not None:
+        check_regular_file(args.prompt_file, "prompt file", MAX_PROMPT_BYTES)
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
                 return f.read()
@@ -145,7 +149,8 @@ def run_cli(argv: Sequence[str] | None, prog: str, load: Loader, stream: Streame
     """
     args = build_parser(prog).parse_args(argv)
     out = sys.stdout
-    try:
+
+    def body():
         sampling = check_sampling(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 1:
             raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -154,22 +159,21 @@ def run_cli(argv: Sequence[str] | None, prog: str, load: Loader, stream: Streame
         text = read_prompt(args, sys.stdin)
         cfg, model, tokenizer = load_with_tokenizer(load, args.checkpoint)
         prompt_ids = start_ids(tokenizer, text)
-        for i in range(args.num_samples):
-            if i:
-                out.write("\n---------------\n")
-            out.write(text)
-            out.flush()
-            printer = TextStreamer(tokenizer, prompt_ids, out)
-            for chunk in stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                eos_id=tokenizer.eos_id, seed=args.seed + i):
-                printer.put([t for t in chunk if t != tokenizer.eos_id])
-            printer.put([], final=True)
+        try:
+            for i in range(args.num_samples):
+                if i:
+                    out.write("\n---------------\n")
+                out.write(text)
+                out.flush()
+                printer = TextStreamer(tokenizer, prompt_ids, out)
+                for chunk in stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                    eos_id=tokenizer.eos_id, seed=args.seed + i):
+                    printer.put([t for t in chunk if t != tokenizer.eos_id])
+                printer.put([], final=True)
+        except KeyboardInterrupt:  # Ctrl-C while sampling ends the text where it is
+            out.write("\n")
+            raise
         out.write("\n")
         out.flush()
-    except UserError as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        out.write("\n")
-        return 130
-    return 0
+
+    return guarded(body)

@@ -83,12 +83,20 @@ def train(run: Run, engine: Engine) -> dict:
     {"steps", "final_val_loss", "best_val_loss", "best_step", "stopped_early"}.
     The lead process holds the directory's lock throughout (gptcore.lock) and,
     once it has it, checks the directory again: a trainer that started at the
-    same moment and got there first has made it a run."""
+    same moment and got there first has made it a run. A new run that fails
+    before its first checkpoint (a kernel this machine lacks, memory, a bug)
+    removes what it wrote: it started in an empty or new directory."""
     if not engine.lead:
         return _train(run, engine)
+    created = not run.out_dir.exists()
     with run_lock(run.out_dir):
         check_out_dir(run.out_dir, run.mode == "resume")
-        return _train(run, engine)
+        try:
+            return _train(run, engine)
+        except Exception:
+            if run.mode != "resume" and not training.has_checkpoint(run.out_dir):
+                training.remove_new_run(run.out_dir, created)  # the corrected command can run as it was
+            raise
 
 
 def _train(run: Run, engine: Engine) -> dict:

@@ -79,6 +79,8 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     try:
         meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise CheckpointError(f"{path}: not a jaxgpt model config (a JSON object with a 'model' section)")
         return ModelConfig.from_dict(meta["model"])
     except FileNotFoundError:
         raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a jaxgpt model directory)") from None
@@ -86,18 +88,23 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: unreadable model config ({e.__class__.__name__}: {e})") from None
 
 
-def read_hf(directory: Path):
-    """(config, {our name: array}, tokenizer.json or None) of a Hugging Face
-    model directory (config.json with a model_type), converted in memory; None
-    for any other directory. The generate CLIs of both twins take HF folders so."""
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or "model_type" not in meta or "model" in meta:
-        return None
-    from gptcore.formats import hf  # the formats build on this module, not the other way round at import time
-    ckpt = hf.read(directory)
+def read_foreign(path: Path):
+    """(config, {our name: array}, tokenizer.json or None) of a model in
+    another format, converted in memory: a Hugging Face model directory
+    (config.json with a model_type) or a .pt / .safetensors / nanoGPT file;
+    None for a jaxgpt model directory. The generate CLIs of both twins take
+    these as they are."""
+    from gptcore.formats import convert, hf  # the formats build on this module, not the other way round at import time
+    if path.is_file():
+        ckpt = convert.READERS[convert.source_format(path)](path)
+    else:
+        try:
+            meta = json.loads((path / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or "model_type" not in meta or "model" in meta:
+            return None
+        ckpt = hf.read(path)
     return ckpt.cfg, {name: ckpt.tensors[name] for name in ckpt.tensors}, ckpt.tokenizer
 
 

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 from gptcore.config import ConfigError, ModelConfig
+from gptcore.errors import check_regular_file
 from gptcore.train_config import DataConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -91,7 +92,7 @@ def load_sections(name_or_path: str | Path | None = None,
         path = resolve_preset(name_or_path)
         source = str(path)
         try:
-            tables = tomllib.loads(path.read_text(encoding="utf-8"))
+            tables = tomllib.loads(check_regular_file(path, "config file", 2**20).read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{source}: not valid TOML ({e})") from None
     for section, table in tables.items():

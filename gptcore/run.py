@@ -19,6 +19,7 @@ run directory itself, after the twin's engine has been built.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from gptcore.budget import check_fits
 from gptcore.cli import Parser
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.corpus import corpus_from_spec, download_gpt2_tokenizer
-from gptcore.errors import RunError  # noqa: F401  (gptcore.run.RunError, as the trainers import it)
+from gptcore.errors import RunError
+from gptcore.lock import LOCK_FILE
 from gptcore.loggers import check_loggers
 from gptcore.model_dir import MODEL_WEIGHTS, CheckpointError, find_model_dir, read_model_config, tokenizer_path
 from gptcore.presets import apply_override, build_section, load_sections, preset_names, preset_summary, to_toml
@@ -38,6 +40,7 @@ from gptcore.train_config import DataConfig, TrainConfig
 
 DEFAULT_PRESET = "default"
 CONFIG_FILE = "config.json"
+FINGERPRINT_FILE = "fingerprint.json"  # what defines a run: --resume refuses a run that changed
 OUTPUTS = (CONFIG_FILE, "checkpoints", "model", "metrics.jsonl")  # a fresh run refuses a directory holding any
 DROPOUT_FIELDS = ("embd_dropout", "attn_dropout", "resid_dropout", "mlp_dropout")
 MODES = ("fresh", "resume", "finetune")
@@ -93,8 +96,10 @@ def resolve(preset: str | None, overrides: list[str], resume: bool = False, chec
     text = corpus_from_spec(data.corpus, Path(data.cache_dir).expanduser())
     if resume:
         tokenizer = Tokenizer.load(out_dir / TOKENIZER_FILE)
-        return Run("resume", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer,
-                   None, text)
+        run = Run("resume", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer,
+                  None, text)
+        check_fingerprint(run)
+        return run
     if train.init_from is not None:
         source_dir = find_model_dir(train.init_from, MODEL_WEIGHTS)
         loaded = read_model_config(source_dir)
@@ -143,8 +148,8 @@ def _tables(preset: str | None, overrides: list[str], resume: bool) -> tuple[dic
         tables = json.loads(saved.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"--resume: {saved} is not a run's config ({e})") from None
-    if not isinstance(tables, dict):
-        raise RunError(f"--resume: {saved} is not a run's config (not a JSON object)")
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise RunError(f"--resume: {saved} is not a run's config (a JSON object of sections, each an object)")
     for text in overrides:
         apply_override(tables, text)
     return tables, f"{out_dir}/{CONFIG_FILE}"
@@ -205,6 +210,48 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
     if existing:
         raise RunError(f"{out_dir} holds a run that saved no checkpoint ({', '.join(existing)}): start afresh "
                        f"with train.out_dir={free_name(out_dir)}, or delete {out_dir} and run again")
+    if out_dir.is_dir():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_FILE)
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise RunError(f"{out_dir} is not empty ({shown}): a new run writes only into an empty or new "
+                           f"directory, e.g. train.out_dir={free_name(out_dir)}")
+
+
+def fingerprint(run: Run) -> dict:
+    """What defines a run beyond its step: the model config, the tokenizer
+    and the corpus it trains on (written at its start, in FINGERPRINT_FILE)."""
+    return json.loads(json.dumps({  # as it reads back (tuples become lists)
+        "model": run.model.to_dict(), "tokenizer_sha256": run.tokenizer.fingerprint, "corpus": run.data.corpus,
+        "corpus_sha256": hashlib.sha256(run.corpus.encode("utf-8")).hexdigest()}))
+
+
+def check_fingerprint(run: Run) -> None:
+    """--resume of a run whose config.json, tokenizer.json or corpus changed
+    since it started: one line saying what changed (a run from before
+    fingerprints has none to compare)."""
+    path = run.out_dir / FINGERPRINT_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"--resume: {path} is unreadable ({e})") from None
+    now = fingerprint(run)
+    if not isinstance(saved, dict):
+        raise RunError(f"--resume: {path} is not a run's fingerprint")
+    if saved.get("model") != now["model"]:
+        old = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+        changes = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in now["model"].items() if old.get(k) != v]
+        raise RunError(f"--resume: the model changed since the run started ({', '.join(changes) or 'fields'}): "
+                       f"resume with the config it started with, or start a new run")
+    if saved.get("tokenizer_sha256") != now["tokenizer_sha256"]:
+        raise RunError(f"--resume: {run.out_dir / TOKENIZER_FILE} changed since the run started (its sha256 "
+                       f"differs): the run's token ids would no longer mean what they meant")
+    if saved.get("corpus_sha256") != now["corpus_sha256"]:
+        was = "" if saved.get("corpus") == run.data.corpus else f", was {saved.get('corpus')!r}"
+        raise RunError(f"--resume: the corpus changed since the run started (data.corpus = {run.data.corpus!r}"
+                       f"{was}; its text differs): resume on the same text, or start a new run")
 
 
 def free_name(out_dir: Path) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import numpy as np
 
 from gptcore.data import RandomWindows, SlidingWindows, eval_batches, load_tokens, prepare_tokens
 from gptcore.errors import write_atomic
-from gptcore.run import CONFIG_FILE, Run, RunError
+from gptcore.lock import LOCK_FILE
+from gptcore.run import CONFIG_FILE, FINGERPRINT_FILE, Run, RunError, fingerprint
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
 from gptcore.train_config import DataConfig, TrainConfig
 
@@ -41,11 +43,31 @@ def prepare_data(run: Run) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_run_files(run: Run) -> None:
-    """tokenizer.json and config.json (every section) of a new run;
-    config.json last and atomically: it marks a directory as a run."""
+    """tokenizer.json, fingerprint.json and config.json (every section) of a
+    new run; config.json last and atomically: it marks a directory as a run."""
     run.out_dir.mkdir(parents=True, exist_ok=True)
     run.tokenizer.save(run.out_dir / TOKENIZER_FILE)
+    write_atomic(run.out_dir / FINGERPRINT_FILE, json.dumps(fingerprint(run), indent=2) + "\n")
     write_atomic(run.out_dir / CONFIG_FILE, json.dumps(run.to_dict(), indent=2) + "\n")
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    """The run directory holds a checkpoint either trainer wrote (a step directory or a .pt)."""
+    ckpts = out_dir / "checkpoints"
+    return ckpts.is_dir() and any(p.name.isdigit() or p.suffix == ".pt" for p in ckpts.iterdir())
+
+
+def remove_new_run(out_dir: Path, created: bool) -> None:
+    """Undo a new run that failed before its first checkpoint: everything in
+    out_dir but the lock (it started empty: gptcore.run.check_out_dir), and
+    out_dir itself when the run created it."""
+    for p in out_dir.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if created:
+        (out_dir / LOCK_FILE).unlink(missing_ok=True)
+        out_dir.rmdir()
 
 
 # -- batches ------------------------------------------------------------------------

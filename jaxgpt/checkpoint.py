@@ -28,7 +28,7 @@ from gptcore.model_dir import (  # noqa: F401
     SAFETENSORS_FILE,
     CheckpointError,
     find_model_dir,
-    read_hf,
+    read_foreign,
     read_model_config,
     tokenizer_path,
     write_model_dir,
@@ -60,7 +60,7 @@ def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[Mod
     """
 
     directory = find_model_dir(directory, (PARAMS_DIR, SAFETENSORS_FILE))
-    if (foreign := read_hf(directory)) is not None:  # a Hugging Face folder
+    if (foreign := read_foreign(directory)) is not None:  # a Hugging Face folder, a .pt or .safetensors file
         return _finish(directory, foreign[0], load_state_arrays(foreign[1], foreign[0]), scan_layers)
     cfg = read_model_config(directory)
     target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(cfg))

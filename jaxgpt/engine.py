@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from gptcore import train_state
-from gptcore.run import Run
+from gptcore.run import Run, RunError
 from jaxgpt import generate
 from jaxgpt.checkpoint import load_model, save_model
 from jaxgpt.model import count_params, load_state_arrays, stack_layers, state_arrays, unstack_layers
@@ -29,6 +29,9 @@ class JaxEngine:
     def __init__(self, run: Run):
         tc, mc = run.train, run.model
         self.run = run
+        if tc.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+            raise RunError(f"train.attention_impl = 'cudnn' needs an NVIDIA GPU; JAX runs on "
+                           f"{jax.default_backend()} here: use 'einsum' or 'xla'")
         self.runner = make_runner(tc, mc)  # a device count that cannot split the batch fails here
         self.lead = jax.process_index() == 0  # the process that writes files other than checkpoints
         self.processes = jax.process_count()

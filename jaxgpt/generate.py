@@ -69,7 +69,8 @@ __all__ = ["GenerationError", "filter_logits", "sample_token", "prompt_positions
 
 def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> jax.Array:
-    """(B, V) -> (B, V) float32 logits / temperature, -inf at removed tokens.
+    """(B, V) -> (B, V) float32 (logits - their max) / temperature, -inf at
+    removed tokens (the shift leaves every softmax as it is).
 
     temperature 0 keeps only the argmax (unscaled). Settings as returned by
     gptcore.generation.check_sampling (top_k / top_p None = off).
@@ -78,7 +79,8 @@ def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int | None
     if temperature == 0.0:
         best = jnp.argmax(logits, axis=-1)[..., None]  # (B, 1) first index among ties
         return jnp.where(jnp.arange(logits.shape[-1]) == best, logits, -jnp.inf)
-    logits = logits / temperature
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)  # <= 0: a tiny temperature makes -inf, never inf
+    logits = jnp.where(shifted == 0, 0.0, shifted / temperature)  # 0 / 0 cannot happen at the largest logits
     if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]  # (B, 1) k-th largest value
         logits = jnp.where(logits < kth, -jnp.inf, logits)  # ties with the k-th stay

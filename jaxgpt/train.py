@@ -123,17 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(layout)
         run(spec)
 
-    try:
-        return guarded(body)
-    except Exception as e:
-        if jax.process_count() == 1:
-            raise
+    def where() -> str:
+        return f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
+
+    code = guarded(body, where)
+    if code and jax.process_count() > 1:
         # Most likely a collective failed because another process died. Exit
         # now: jax's exit handler would wait for the dead process at a barrier.
-        print(f"error: process {jax.process_index()} of {jax.process_count()}: {type(e).__name__}: "
-              f"{(str(e).splitlines() or [''])[0]}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(1)
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

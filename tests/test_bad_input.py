@@ -212,7 +212,7 @@ CASES = {
         "no checkpoint in"),
     "train_resume_other_config": (
         jtrain.main, lambda u, o: train_args(u, u.copy(u.run, "other_run"), "--resume", "model.d_model=32"),
-        "can be restored into this run's model"),
+        "the model changed since the run started (d_model 16 -> 32)"),
     "train_init_from_missing": (jtrain.main, lambda u, o: train_args(u, o, f"train.init_from={u.root / 'nope'}"),
                                 "no config.json"),
     "train_init_from_empty_dir": (jtrain.main, lambda u, o: train_args(u, o, f"train.init_from={u.root / 'empty_dir'}"),

@@ -102,7 +102,7 @@ def test_cli_prompt_from_stdin_file_and_empty(model_dir, tmp_path, monkeypatch, 
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--num-samples", "0"], "num-samples"),
     (["--prompt", "Zebra"], "'Z' (U+005A)"),  # characters the char tokenizer has never seen
-    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read prompt file"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "prompt file /nonexistent/prompt.txt does not exist"),
 ])
 @pytest.mark.parametrize("twin", [jg, tg], ids=["jaxgpt", "torchgpt"])
 def test_cli_bad_input_is_a_one_line_error(twin, args, message, model_dir, monkeypatch, capsys):

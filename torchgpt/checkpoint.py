@@ -22,7 +22,7 @@ from gptcore.model_dir import (  # noqa: F401
     SAFETENSORS_FILE,
     CheckpointError,
     find_model_dir,
-    read_hf,
+    read_foreign,
     read_model_config,
     tokenizer_path,
     write_model_dir,
@@ -44,7 +44,7 @@ def load_model(directory: str | Path) -> tuple[ModelConfig, GPT, Path | None]:
     """(config, model in eval mode, tokenizer.json path or None) of a model
     directory, or of a training run directory holding one as model/."""
     directory = find_model_dir(directory, (SAFETENSORS_FILE,))
-    if (foreign := read_hf(directory)) is not None:  # a Hugging Face folder
+    if (foreign := read_foreign(directory)) is not None:  # a Hugging Face folder, a .pt or .safetensors file
         return foreign[0], load_state_arrays(foreign[1], foreign[0]), foreign[2]
     cfg = read_model_config(directory)
     if not (directory / SAFETENSORS_FILE).is_file():

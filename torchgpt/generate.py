@@ -57,7 +57,8 @@ __all__ = ["GenerationError", "filter_logits", "sample_token", "prompt_positions
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
-    """(B, V) -> (B, V) float32 logits / temperature, -inf at removed tokens.
+    """(B, V) -> (B, V) float32 (logits - their max) / temperature, -inf at
+    removed tokens (the shift leaves every softmax as it is).
 
     temperature 0 keeps only the argmax (unscaled). Settings as returned by
     gptcore.generation.check_sampling (top_k / top_p None = off).
@@ -66,7 +67,8 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     if temperature == 0.0:
         best = logits.argmax(dim=-1, keepdim=True)  # (B, 1) first index among ties
         return logits.masked_fill(torch.arange(logits.shape[-1]) != best, -torch.inf)
-    logits = logits / temperature
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # <= 0: a tiny temperature makes -inf, never inf
+    logits = torch.where(shifted == 0, 0.0, shifted / temperature)  # 0 / 0 cannot happen at the largest logits
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1) k-th largest value
         logits = logits.masked_fill(logits < kth, -torch.inf)  # ties with the k-th stay

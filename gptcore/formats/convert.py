@@ -118,9 +118,14 @@ def read_safetensors(path: Path) -> Checkpoint:
         except json.JSONDecodeError:
             raise FormatError(f"{path}: the metadata's config is not JSON") from None
     elif (path.parent / "config.json").is_file():
-        meta = json.loads((path.parent / "config.json").read_text())
+        try:
+            meta = json.loads((path.parent / "config.json").read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FormatError(f"{path.parent / 'config.json'}: not JSON") from None
     else:
         raise FormatError(f"{path}: no config in the metadata and no config.json beside it")
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: the config is not a JSON object")
     cfg = _config(meta.get("model", meta) if meta.get("format") == "jaxgpt" else meta, path)
     check_state({k: tensors.shape(k) for k in tensors}, cfg, str(path))
     return Checkpoint(cfg, InOrder(tensors, cfg))
@@ -177,6 +182,8 @@ def source_format(path: Path) -> str:
             meta = json.loads((path / "config.json").read_text())
         except (OSError, json.JSONDecodeError):
             raise FormatError(f"{path}: a directory without a readable config.json") from None
+        if not isinstance(meta, dict):
+            raise FormatError(f"{path}: config.json is not a JSON object")
         if meta.get("format") == "jaxgpt":
             return "jaxgpt"
         if "model_type" in meta:

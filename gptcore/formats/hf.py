@@ -41,7 +41,7 @@ from gptcore.formats.keymap import (
     from_foreign,
     to_foreign,
 )
-from gptcore.formats.state import state_shapes
+from gptcore.formats.state import check_layer_count, state_shapes
 
 GPT2 = KeyMap("HF GPT-2", {
     "tok_emb.weight": "transformer.wte.weight",
@@ -152,6 +152,7 @@ def read(directory: str | Path) -> Checkpoint:
         raise FormatError(f"{directory}: unreadable config.json ({e.__class__.__name__})") from None
     cfg = config_from_hf(hf, str(directory))
     foreign = _weights(directory)
+    check_layer_count(cfg, len(foreign), str(directory))
     keymap = KEYMAPS[hf["model_type"]]
     if hf["model_type"] == "gpt2" and not any(n.startswith("transformer.") for n in foreign):
         foreign = _Prefixed(foreign)

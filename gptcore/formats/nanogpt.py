@@ -16,6 +16,7 @@ from pathlib import Path
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.formats import Checkpoint, FormatError
 from gptcore.formats.keymap import KeyMap, from_foreign
+from gptcore.formats.state import check_layer_count
 
 NANOGPT = KeyMap("nanoGPT", {
     "tok_emb.weight": "transformer.wte.weight",
@@ -40,17 +41,21 @@ _ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
 
 def config_from_model_args(args: dict, where: str) -> ModelConfig:
+    if not isinstance(args, dict):
+        raise FormatError(f"{where}: model_args is a {type(args).__name__}, not a dict")
     for name in _ARGS:
         if name not in args:
             raise FormatError(f"{where}: model_args has no {name!r}")
+    dropout = args.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise FormatError(f"{where}: model_args: dropout is {dropout!r}, not a number")
     try:
         return ModelConfig(
             vocab_size=args["vocab_size"], context_length=args["block_size"], d_model=args["n_embd"],
             n_layers=args["n_layer"], n_heads=args["n_head"], position="learned", qkv_fused=True,
             qkv_bias=args["bias"], out_bias=args["bias"], mlp="gelu", mlp_bias=args["bias"],
             norm="layernorm", norm_eps=1e-5, norm_bias=args["bias"], tie_embeddings=True,
-            embd_dropout=float(args.get("dropout", 0.0)), attn_dropout=float(args.get("dropout", 0.0)),
-            resid_dropout=float(args.get("dropout", 0.0)))
+            embd_dropout=float(dropout), attn_dropout=float(dropout), resid_dropout=float(dropout))
     except ConfigError as e:
         raise FormatError(f"{where}: model_args: {e}") from None
 
@@ -60,6 +65,9 @@ def read(ckpt: dict, where: str | Path) -> Checkpoint:
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         raise FormatError(f"{where}: not a nanoGPT checkpoint (no 'model_args' and 'model')")
     cfg = config_from_model_args(ckpt["model_args"], str(where))
+    if not isinstance(ckpt["model"], dict):
+        raise FormatError(f"{where}: its 'model' is a {type(ckpt['model']).__name__}, not a state dict")
+    check_layer_count(cfg, len(ckpt["model"]), str(where))
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     wte, head = state.get("transformer.wte.weight"), state.get("lm_head.weight")
     if wte is not None and head is not None and not (wte == head).all():

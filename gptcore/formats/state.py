@@ -69,9 +69,20 @@ def state_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return out
 
 
+def check_layer_count(cfg: ModelConfig, n_tensors: int, where: str) -> None:
+    """A config cannot have more layers than its file has tensors (every
+    layer has some): checked before any per-layer name is made, so a config
+    saying 10**8 layers is one line, not minutes of building names."""
+    from gptcore.formats import FormatError
+    if cfg.n_layers > n_tensors:
+        raise FormatError(f"{where}: the config says {cfg.n_layers:,} layers, the file holds only {n_tensors:,} "
+                          f"tensors")
+
+
 def check_state(shapes: dict[str, tuple], cfg: ModelConfig, where: str) -> None:
     """Missing, unexpected and mis-shaped weights (by our names) -> FormatError naming the first."""
     from gptcore.formats import FormatError
+    check_layer_count(cfg, len(shapes), where)
     expected = state_shapes(cfg)
     for name, shape in expected.items():
         if name not in shapes:
