@@ -9,7 +9,9 @@ traceback.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -56,3 +58,17 @@ def check_regular_file(path: str | Path, what: str, max_bytes: int | None = None
     if max_bytes is not None and st.st_size > max_bytes:
         raise UserError(f"{what} {path} is {st.st_size:,} bytes, more than the {max_bytes:,} accepted")
     return path
+
+
+def checkpoint_write_failed(what: str, e: BaseException, directory: Path) -> RunError:
+    """The one line for a checkpoint that could not be written into
+    directory (its temporary files already removed by the caller): a full
+    disk said so, whatever words the writer used (torch's zip writer: none)."""
+    full = getattr(e, "errno", None) == errno.ENOSPC or "no space left on device" in str(e).lower()
+    try:
+        full = full or shutil.disk_usage(directory).free < 2**20
+    except OSError:
+        pass
+    reason = "the disk is full" if full else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return RunError(f"cannot write {what} ({reason}); the checkpoints before it are intact: make room and "
+                    f"continue with --resume")

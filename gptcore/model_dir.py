@@ -94,7 +94,10 @@ def read_foreign(path: Path):
     (config.json with a model_type) or a .pt / .safetensors / nanoGPT file;
     None for a jaxgpt model directory. The generate CLIs of both twins take
     these as they are."""
-    from gptcore.formats import convert, hf  # the formats build on this module, not the other way round at import time
+    from gptcore.formats import (  # the formats build on this module, not the other way round at import time
+        convert,
+        hf,
+    )
     if path.is_file():
         ckpt = convert.READERS[convert.source_format(path)](path)
     else:
@@ -109,8 +112,28 @@ def read_foreign(path: Path):
 
 
 def tokenizer_path(directory: Path) -> Path | None:
+    """directory's tokenizer.json, None when it has none; one that is not
+    a regular file of the model directory (a link elsewhere: copying it would
+    hand out any file the link names) or does not parse is an error."""
     path = directory / TOKENIZER_FILE
-    return path if path.is_file() else None
+    if not (path.exists() or path.is_symlink()):
+        return None
+    check_inside(path, directory)
+    Tokenizer.load(path)  # parses, or a one-line TokenizerError
+    return path
+
+
+def check_inside(path: Path, directory: Path) -> None:
+    """path is a regular file whose real location lies inside directory (or,
+    for a Hugging Face cache snapshot models--ORG--NAME/snapshots/HASH/, in
+    that model's blobs/, where the snapshot's links point)."""
+    target, roots = path.resolve(), [directory.resolve()]
+    if directory.absolute().parent.name == "snapshots":
+        roots.append((directory.absolute().parent.parent / "blobs").resolve())
+    if not any(target.is_relative_to(root) for root in roots):
+        raise CheckpointError(f"{path} links to {target}, outside the model directory (not read)")
+    if not target.is_file():
+        raise CheckpointError(f"{path} is not a regular file")
 
 
 def load_with_tokenizer(load: Callable[[str], tuple], checkpoint: str) -> tuple[ModelConfig, object, Tokenizer]:

@@ -32,8 +32,21 @@ from gptcore.corpus import corpus_from_spec, download_gpt2_tokenizer
 from gptcore.errors import RunError
 from gptcore.lock import LOCK_FILE
 from gptcore.loggers import check_loggers
-from gptcore.model_dir import MODEL_WEIGHTS, CheckpointError, find_model_dir, read_model_config, tokenizer_path
-from gptcore.presets import apply_override, build_section, load_sections, preset_names, preset_summary, to_toml
+from gptcore.model_dir import (
+    MODEL_WEIGHTS,
+    CheckpointError,
+    find_model_dir,
+    read_model_config,
+    tokenizer_path,
+)
+from gptcore.presets import (
+    apply_override,
+    build_section,
+    load_sections,
+    preset_names,
+    preset_summary,
+    to_toml,
+)
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
 from gptcore.tokenizer import Tokenizer
 from gptcore.train_config import DataConfig, TrainConfig

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptcore.errors import checkpoint_write_failed
 from gptcore.formats import safetensors_io
 from gptcore.model_dir import CheckpointError
 
@@ -36,8 +37,12 @@ def write(directory: Path, step: int, params: dict, adam_m: dict, adam_v: dict, 
     tmp = path.with_name(f".{FILENAME}.tmp")
     tensors = ((f"{part}/{name}", np.asarray(a, np.float32))
                for part, tree in zip(PARTS, (params, adam_m, adam_v)) for name, a in tree.items())
-    safetensors_io.write(tmp, tensors, {"format": FORMAT, "step": str(int(step)), "loop": json.dumps(loop_state)})
-    tmp.replace(path)
+    try:
+        safetensors_io.write(tmp, tensors, {"format": FORMAT, "step": str(int(step)), "loop": json.dumps(loop_state)})
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise checkpoint_write_failed(str(path), e, directory) from None
     return path
 
 

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcore.data import RandomWindows, SlidingWindows, eval_batches, load_tokens, prepare_tokens
+from gptcore.data import (
+    RandomWindows,
+    SlidingWindows,
+    eval_batches,
+    load_tokens,
+    prepare_tokens,
+)
 from gptcore.errors import write_atomic
 from gptcore.lock import LOCK_FILE
 from gptcore.run import CONFIG_FILE, FINGERPRINT_FILE, Run, RunError, fingerprint

@@ -33,7 +33,13 @@ from gptcore.model_dir import (  # noqa: F401
     tokenizer_path,
     write_model_dir,
 )
-from jaxgpt.model import load_state_arrays, param_shapes, stack_layers, state_arrays, unstack_layers
+from jaxgpt.model import (
+    load_state_arrays,
+    param_shapes,
+    stack_layers,
+    state_arrays,
+    unstack_layers,
+)
 
 PARAMS_DIR = "params"
 

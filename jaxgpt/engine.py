@@ -19,7 +19,13 @@ from gptcore import train_state
 from gptcore.run import Run, RunError
 from jaxgpt import generate
 from jaxgpt.checkpoint import load_model, save_model
-from jaxgpt.model import count_params, load_state_arrays, stack_layers, state_arrays, unstack_layers
+from jaxgpt.model import (
+    count_params,
+    load_state_arrays,
+    stack_layers,
+    state_arrays,
+    unstack_layers,
+)
 from jaxgpt.runners import gather, make_runner
 from jaxgpt.step import create_state, evaluate, fresh_state, make_model, step_key
 from jaxgpt.train_checkpoints import Checkpoints
@@ -101,7 +107,7 @@ class JaxEngine:
 
     def save(self, step: int, loop_state: dict, val_loss: float, improved: bool) -> None:
         state = self.runner.checkpoint_state(self.state)
-        self.checkpoints.save(state, loop_state, val_loss)
+        self.checkpoints.save(state, loop_state, improved)
         if self.run.train.portable_state and self.processes == 1:
             state = jax.device_get(state)
             unrolled = [unstack_layers(t) if self.run.train.scan_layers else t for t in

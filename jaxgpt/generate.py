@@ -58,7 +58,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptcore.config import ModelConfig
-from gptcore.generation import STREAM_CHUNK, GenerationError, Sampling, check_request, check_sampling, run_cli
+from gptcore.generation import (
+    STREAM_CHUNK,
+    GenerationError,
+    Sampling,
+    check_request,
+    check_sampling,
+    run_cli,
+)
 from jaxgpt.model import GPT, Cache, init_cache
 
 __all__ = ["GenerationError", "filter_logits", "sample_token", "prompt_positions", "prefill", "decode_step",

@@ -7,7 +7,13 @@ import tomllib
 import pytest
 
 from gptcore.config import ConfigError, ModelConfig
-from gptcore.presets import CONFIG_DIR, load_config, load_model_config, parse_override, preset_names
+from gptcore.presets import (
+    CONFIG_DIR,
+    load_config,
+    load_model_config,
+    parse_override,
+    preset_names,
+)
 
 
 def test_derived_fields():

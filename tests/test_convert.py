@@ -20,7 +20,14 @@ import transformers
 import torchgpt.model as tm
 from gptcore.config import ModelConfig
 from gptcore.formats import FormatError, safetensors_io, torch_pt
-from gptcore.formats.keymap import FUSE_QKV, SPLIT_QKV, STACK_EXPERTS, STACK_GATE_UP, TRANSPOSE, chain
+from gptcore.formats.keymap import (
+    FUSE_QKV,
+    SPLIT_QKV,
+    STACK_EXPERTS,
+    STACK_GATE_UP,
+    TRANSPOSE,
+    chain,
+)
 from gptcore.formats.state import state_shapes
 from gptcore.presets import load_model_config, preset_names
 from jaxgpt.convert import convert, main

@@ -46,7 +46,14 @@ from typing import NamedTuple
 
 import torch
 
-from gptcore.generation import STREAM_CHUNK, GenerationError, Sampling, check_request, check_sampling, run_cli
+from gptcore.generation import (
+    STREAM_CHUNK,
+    GenerationError,
+    Sampling,
+    check_request,
+    check_sampling,
+    run_cli,
+)
 from torchgpt.model import GPT, Cache, init_cache
 
 __all__ = ["GenerationError", "filter_logits", "sample_token", "prompt_positions", "prefill", "decode_step",

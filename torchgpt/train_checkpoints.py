@@ -7,21 +7,27 @@ Parallel text: jaxgpt/train_checkpoints.py (orbax, one directory per step).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from gptcore.errors import checkpoint_write_failed
 from gptcore.run import RunError
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, loop_state: dict) -> None:
     """Atomically: model, optimizer and RNG state, step, the loop's state."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "rng": torch.get_rng_state(), "loop": loop_state}, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "rng": torch.get_rng_state(), "loop": loop_state}, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        tmp.unlink(missing_ok=True)
+        raise checkpoint_write_failed(str(path), e, path.parent) from None
 
 
 def load_checkpoint(path: Path, model, optimizer) -> tuple[int, dict]:

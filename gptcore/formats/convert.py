@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -208,12 +209,16 @@ def target_format(path: Path, arch: str | None) -> str:
 
 def convert(src: str | Path, dst: str | Path, src_format: str | None = None, dst_format: str | None = None,
             arch: str | None = None, force: bool = False) -> Path:
-    """Read SRC, write DST under a temporary name, rename it into place."""
+    """Read SRC, write DST under a temporary name of its own, rename it into
+    place. With force, an existing DST is replaced only when it is a previous
+    conversion's output (check_replaceable)."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
     if not src.exists():
         raise FormatError(f"{src} does not exist")
-    if dst.exists() and not force:
-        raise FormatError(f"{dst} already exists (use --force to replace it)")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise FormatError(f"{dst} already exists (use --force to replace it)")
+        check_replaceable(dst, src)
     if dst == src:
         raise FormatError(f"{dst}: the destination is the source")
     src_format = src_format or source_format(src)
@@ -223,26 +228,45 @@ def convert(src: str | Path, dst: str | Path, src_format: str | None = None, dst
     if arch is not None and dst_format != "hf":
         raise FormatError(f"--arch applies to --to hf only, not {dst_format}")
     ckpt = READERS[src_format](src)
-    if not dst.parent.exists():  # a new folder for a file destination
-        dst.parent.mkdir(parents=True)
-    tmp = dst.with_name(f".{dst.name}.converting")
-    _remove(tmp)
+    dst.parent.mkdir(parents=True, exist_ok=True)  # a new folder for a file destination
+    # a name no other conversion (or file of the user's) has: mkdtemp creates it, we write inside it
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".converting", dir=dst.parent))
+    tmp = scratch / dst.name
     try:
         WRITERS[dst_format](tmp, ckpt, arch)
         with_user_permissions(tmp)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _remove(dst)
-    tmp.rename(dst)
+        if dst.is_symlink() or dst.is_file():
+            dst.unlink()
+        elif dst.is_dir():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return dst
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+# what a conversion writes into a model directory: --force replaces a directory holding only these
+MODEL_DIR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "model.safetensors", "model.safetensors.index.json", "params")
+
+
+def check_replaceable(dst: Path, src: Path) -> None:
+    """--force replaces a previous conversion's output and nothing else: a
+    model file (.pt / .safetensors) or a model directory holding only what
+    conversions write, never the source or a directory around it."""
+    if dst.is_symlink():
+        raise FormatError(f"{dst} is a link: refusing to replace it (remove it yourself)")
+    if src == dst or src.is_relative_to(dst):
+        raise FormatError(f"{dst} is or contains the source {src}: refusing to replace it")
+    if dst.is_file():
+        if dst.suffix not in (".safetensors", *_PT_SUFFIXES):
+            raise FormatError(f"{dst} is not a model file (.pt, .safetensors): refusing to replace it")
+        return
+    others = sorted(p.name for p in dst.iterdir()
+                    if p.name not in MODEL_DIR_FILES and not re.fullmatch(r"model-\d+-of-\d+\.safetensors", p.name))
+    if others:
+        raise FormatError(f"{dst} holds files a conversion does not write ({', '.join(others[:5])}): refusing to "
+                          f"replace it (choose a new destination)")
 
 
 def main(argv=None) -> int:

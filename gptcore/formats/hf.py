@@ -42,6 +42,7 @@ from gptcore.formats.keymap import (
     to_foreign,
 )
 from gptcore.formats.state import check_layer_count, state_shapes
+from gptcore.model_dir import tokenizer_path
 
 GPT2 = KeyMap("HF GPT-2", {
     "tok_emb.weight": "transformer.wte.weight",
@@ -158,9 +159,7 @@ def read(directory: str | Path) -> Checkpoint:
         foreign = _Prefixed(foreign)
     if cfg.tie_embeddings:  # a tied checkpoint may still carry the head's copy
         keymap = keymap._replace(ignored=keymap.ignored + ("lm_head.weight",))
-    tokenizer = directory / "tokenizer.json"
-    return Checkpoint(cfg, from_foreign(foreign, keymap, cfg, str(directory)),
-                      tokenizer if tokenizer.is_file() else None)
+    return Checkpoint(cfg, from_foreign(foreign, keymap, cfg, str(directory)), tokenizer_path(directory))
 
 
 # the special tokens HF configs name, by role, as the common tokenizers spell them (ours: [eos], [pad])
