@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+import test_bad_input
 import torch
-from test_bad_input import User, assert_one_line_error, snapshot, train_args, user  # noqa: F401  (the fixture)
+from test_bad_input import User, assert_one_line_error, snapshot, train_args
 
 import jaxgpt.convert as convert
 import jaxgpt.generate as jgen
@@ -28,6 +29,8 @@ import torchgpt.model as tm
 import torchgpt.train as ttrain
 from gptcore.config import ModelConfig
 from torchgpt.checkpoint import save_model as torch_save_model
+
+user = test_bad_input.user  # its fixture: the user's directory, made again for this module
 
 
 def scratch(u: User, name: str) -> Path:

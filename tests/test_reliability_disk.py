@@ -18,8 +18,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import test_reliability as reliability
 from helpers import REPO
-from test_reliability import STEPS, assert_same_run, complete_steps, preset, through  # noqa: F401  (fixtures)
+from test_reliability import STEPS, assert_same_run, complete_steps
+
+preset, through = reliability.preset, reliability.through  # its fixtures, made again for this module
 
 TRAINERS = {"jaxgpt": "jaxgpt.train", "torchgpt": "torchgpt.train"}
 
