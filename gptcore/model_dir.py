@@ -88,29 +88,6 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: unreadable model config ({e.__class__.__name__}: {e})") from None
 
 
-def read_foreign(path: Path):
-    """(config, {our name: array}, tokenizer.json or None) of a model in
-    another format, converted in memory: a Hugging Face model directory
-    (config.json with a model_type) or a .pt / .safetensors / nanoGPT file;
-    None for a jaxgpt model directory. The generate CLIs of both twins take
-    these as they are."""
-    from gptcore.formats import (  # the formats build on this module, not the other way round at import time
-        convert,
-        hf,
-    )
-    if path.is_file():
-        ckpt = convert.READERS[convert.source_format(path)](path)
-    else:
-        try:
-            meta = json.loads((path / CONFIG_FILE).read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(meta, dict) or "model_type" not in meta or "model" in meta:
-            return None
-        ckpt = hf.read(path)
-    return ckpt.cfg, {name: ckpt.tensors[name] for name in ckpt.tensors}, ckpt.tokenizer
-
-
 def tokenizer_path(directory: Path) -> Path | None:
     """directory's tokenizer.json, None when it has none; one that is not
     a regular file of the model directory (a link elsewhere: copying it would

@@ -24,11 +24,11 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 
 from gptcore.config import ModelConfig
+from gptcore.formats.convert import read_foreign
 from gptcore.model_dir import (  # noqa: F401
     SAFETENSORS_FILE,
     CheckpointError,
     find_model_dir,
-    read_foreign,
     read_model_config,
     tokenizer_path,
     write_model_dir,

@@ -18,11 +18,11 @@ from pathlib import Path
 import safetensors.torch
 
 from gptcore.config import ModelConfig
+from gptcore.formats.convert import read_foreign
 from gptcore.model_dir import (  # noqa: F401
     SAFETENSORS_FILE,
     CheckpointError,
     find_model_dir,
-    read_foreign,
     read_model_config,
     tokenizer_path,
     write_model_dir,

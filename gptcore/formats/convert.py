@@ -173,6 +173,29 @@ READERS = {"jaxgpt": read_jaxgpt, "pt": read_pt, "safetensors": read_safetensors
 WRITERS = {"jaxgpt": write_jaxgpt, "pt": write_pt, "safetensors": write_safetensors, "hf": write_hf}
 
 
+def read_foreign(path: Path):
+    """(config, {our name: array}, tokenizer.json or None) of a model in
+    another format, converted in memory: a Hugging Face model directory
+    (config.json with a model_type) or a .pt / .safetensors / nanoGPT file;
+    None for a jaxgpt model directory. The generate CLIs of both twins take
+    these as they are."""
+    from gptcore.formats import (  # the formats build on this module, not the other way round at import time
+        convert,
+        hf,
+    )
+    if path.is_file():
+        ckpt = convert.READERS[convert.source_format(path)](path)
+    else:
+        try:
+            meta = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or "model_type" not in meta or "model" in meta:
+            return None
+        ckpt = hf.read(path)
+    return ckpt.cfg, {name: ckpt.tensors[name] for name in ckpt.tensors}, ckpt.tokenizer
+
+
 # -- conversion --------------------------------------------------------------------
 
 def source_format(path: Path) -> str:
@@ -215,12 +238,14 @@ def convert(src: str | Path, dst: str | Path, src_format: str | None = None, dst
     src, dst = Path(src).absolute(), Path(dst).absolute()
     if not src.exists():
         raise FormatError(f"{src} does not exist")
+    if dst == src:
+        raise FormatError(f"{dst}: the destination is the source")
     if dst.exists() or dst.is_symlink():
         if not force:
             raise FormatError(f"{dst} already exists (use --force to replace it)")
         check_replaceable(dst, src)
-    if dst == src:
-        raise FormatError(f"{dst}: the destination is the source")
+    if any(p.exists() and not p.is_dir() for p in dst.parents):
+        raise FormatError(f"Not a directory: {next(p for p in dst.parents if p.exists() and not p.is_dir())}")
     src_format = src_format or source_format(src)
     dst_format = dst_format or target_format(dst, arch)
     if dst_format in READ_ONLY:
