@@ -67,7 +67,8 @@ def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[Mod
 
     directory = find_model_dir(directory, (PARAMS_DIR, SAFETENSORS_FILE))
     if (foreign := read_foreign(directory)) is not None:  # a Hugging Face folder, a .pt or .safetensors file
-        return _finish(directory, foreign[0], load_state_arrays(foreign[1], foreign[0]), scan_layers)
+        cfg, tensors, tokenizer = foreign
+        return cfg, _stacked(load_state_arrays(tensors, cfg), cfg, scan_layers), tokenizer
     cfg = read_model_config(directory)
     target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(cfg))
     if not (directory / PARAMS_DIR).is_dir() and (directory / SAFETENSORS_FILE).is_file():
@@ -75,7 +76,7 @@ def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[Mod
             params = load_state_arrays(safetensors.numpy.load_file(directory / SAFETENSORS_FILE), cfg)
         except Exception as e:  # safetensors / WeightsError: truncated or foreign file
             raise CheckpointError(f"{directory}: cannot read {SAFETENSORS_FILE} ({e.__class__.__name__}: {e})") from None
-        return _finish(directory, cfg, params, scan_layers)
+        return cfg, _stacked(params, cfg, scan_layers), tokenizer_path(directory)
     if not (directory / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ directory")
     try:
@@ -84,7 +85,7 @@ def load_model(directory: str | Path, *, scan_layers: bool = False) -> tuple[Mod
     except Exception as e:  # orbax raises many types for truncated / foreign files
         raise CheckpointError(f"{directory}: cannot restore params ({e.__class__.__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return _finish(directory, cfg, params, scan_layers)
+    return cfg, _stacked(params, cfg, scan_layers), tokenizer_path(directory)
 
 
 def _this_process_checkpointer() -> ocp.StandardCheckpointer:
@@ -96,7 +97,5 @@ def _this_process_checkpointer() -> ocp.StandardCheckpointer:
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
-def _finish(directory: Path, cfg: ModelConfig, params, scan_layers: bool):
-    if scan_layers:
-        params = stack_layers(params, cfg.n_layers)
-    return cfg, params, tokenizer_path(directory)
+def _stacked(params, cfg: ModelConfig, scan_layers: bool):
+    return stack_layers(params, cfg.n_layers) if scan_layers else params

@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -52,6 +53,7 @@ from gptcore.model_dir import (
     with_user_permissions,
     write_model_dir,
 )
+from gptcore.tokenizer import Tokenizer
 
 FORMATS = ("jaxgpt", "pt", "safetensors", "hf", "nanogpt")
 READ_ONLY = ("nanogpt",)
@@ -84,7 +86,7 @@ def read_pt(path: Path) -> Checkpoint:
         raise FormatError(f"{path}: not a torchgpt checkpoint (expected a dict with 'config' and 'model')")
     cfg = _config(obj["config"], path)
     check_state({k: np.shape(v) for k, v in obj["model"].items()}, cfg, str(path))
-    return Checkpoint(cfg, InOrder(obj["model"], cfg))
+    return Checkpoint(cfg, InOrder(obj["model"], cfg), _embedded_tokenizer(obj.get("tokenizer"), path))
 
 
 def read_nanogpt(path: Path) -> Checkpoint:
@@ -103,12 +105,35 @@ def _with_meta(ckpt: Checkpoint, obj: dict, path: Path) -> Checkpoint:
     if tokenizer.vocab_size > ckpt.cfg.vocab_size:
         raise FormatError(f"{meta}: {tokenizer.vocab_size} characters, the checkpoint's vocab_size is "
                           f"{ckpt.cfg.vocab_size}")
-    scratch = tempfile.TemporaryDirectory(prefix="jaxgpt-convert-")
-    _SCRATCH.append(scratch)  # removed at exit, after the writer has copied it
-    return dataclasses.replace(ckpt, tokenizer=tokenizer.save(Path(scratch.name) / "tokenizer.json"))
+    return dataclasses.replace(ckpt, tokenizer=tokenizer.save(_scratch() / "tokenizer.json"))
 
 
 _SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+def _scratch() -> Path:
+    """A temporary directory removed at exit, after the writer has copied what it holds."""
+    scratch = tempfile.TemporaryDirectory(prefix="jaxgpt-convert-")
+    _SCRATCH.append(scratch)
+    return Path(scratch.name)
+
+
+def _embedded_tokenizer(text, where) -> Path | None:
+    """The tokenizer.json text a .pt or safetensors file carries, as a file
+    (checked to parse); None when it carries none."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise FormatError(f"{where}: its tokenizer is a {type(text).__name__}, not tokenizer.json text")
+    path = _scratch() / "tokenizer.json"
+    path.write_text(text, encoding="utf-8")
+    Tokenizer.load(path)  # parses, or one line naming why not
+    return path
+
+
+def _tokenizer_text(ckpt: Checkpoint) -> dict[str, str]:
+    """{"tokenizer": its tokenizer.json text} for a file format to carry, {} when it has none."""
+    return {} if ckpt.tokenizer is None else {"tokenizer": Path(ckpt.tokenizer).read_text(encoding="utf-8")}
 
 
 def read_safetensors(path: Path) -> Checkpoint:
@@ -129,7 +154,7 @@ def read_safetensors(path: Path) -> Checkpoint:
         raise FormatError(f"{path}: the config is not a JSON object")
     cfg = _config(meta.get("model", meta) if meta.get("format") == "jaxgpt" else meta, path)
     check_state({k: tensors.shape(k) for k in tensors}, cfg, str(path))
-    return Checkpoint(cfg, InOrder(tensors, cfg))
+    return Checkpoint(cfg, InOrder(tensors, cfg), _embedded_tokenizer(tensors.metadata.get("tokenizer"), path))
 
 
 def _config(d: dict, where) -> ModelConfig:
@@ -156,16 +181,16 @@ def write_jaxgpt(path: Path, ckpt: Checkpoint, arch=None) -> None:
 
 def write_pt(path: Path, ckpt: Checkpoint, arch=None) -> None:
     from gptcore.formats import torch_pt
-    torch_pt.save(path, {"config": ckpt.cfg.to_dict()}, ckpt.tensors.items())
+    torch_pt.save(path, {"config": ckpt.cfg.to_dict(), **_tokenizer_text(ckpt)}, ckpt.tensors.items())
 
 
 def write_safetensors(path: Path, ckpt: Checkpoint, arch=None) -> None:
-    meta = {"format": "pt", "config": json.dumps(ckpt.cfg.to_dict())}
+    meta = {"format": "pt", "config": json.dumps(ckpt.cfg.to_dict()), **_tokenizer_text(ckpt)}
     safetensors_io.write(path, ckpt.tensors.items(), meta)
 
 
-def write_hf(path: Path, ckpt: Checkpoint, arch=None) -> None:
-    hf.write(path, ckpt, arch)
+def write_hf(path: Path, ckpt: Checkpoint, arch=None, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
+    hf.write(path, ckpt, arch, max_shard_bytes)
 
 
 READERS = {"jaxgpt": read_jaxgpt, "pt": read_pt, "safetensors": read_safetensors, "hf": hf.read,
@@ -179,12 +204,9 @@ def read_foreign(path: Path):
     (config.json with a model_type) or a .pt / .safetensors / nanoGPT file;
     None for a jaxgpt model directory. The generate CLIs of both twins take
     these as they are."""
-    from gptcore.formats import (  # the formats build on this module, not the other way round at import time
-        convert,
-        hf,
-    )
+    path = hf_cache_snapshot(path)
     if path.is_file():
-        ckpt = convert.READERS[convert.source_format(path)](path)
+        ckpt = READERS[source_format(path)](path)
     else:
         try:
             meta = json.loads((path / "config.json").read_text())
@@ -197,6 +219,21 @@ def read_foreign(path: Path):
 
 
 # -- conversion --------------------------------------------------------------------
+
+def hf_cache_snapshot(path: Path) -> Path:
+    """A Hugging Face cache root models--ORG--NAME as its snapshot (the one
+    refs/main names, else the only one); any other path as it is."""
+    if not (path.is_dir() and path.name.startswith("models--") and (path / "snapshots").is_dir()):
+        return path
+    ref = path / "refs" / "main"
+    if ref.is_file() and (path / "snapshots" / ref.read_text().strip()).is_dir():
+        return path / "snapshots" / ref.read_text().strip()
+    snapshots = sorted(p for p in (path / "snapshots").iterdir() if p.is_dir())
+    if len(snapshots) != 1:
+        raise FormatError(f"{path}: {len(snapshots)} snapshots and no refs/main naming one: pass the snapshot "
+                          f"directory itself")
+    return snapshots[0]
+
 
 def source_format(path: Path) -> str:
     if path.is_dir():
@@ -231,13 +268,14 @@ def target_format(path: Path, arch: str | None) -> str:
 
 
 def convert(src: str | Path, dst: str | Path, src_format: str | None = None, dst_format: str | None = None,
-            arch: str | None = None, force: bool = False) -> Path:
+            arch: str | None = None, force: bool = False, max_shard_bytes: int | None = None) -> Path:
     """Read SRC, write DST under a temporary name of its own, rename it into
     place. With force, an existing DST is replaced only when it is a previous
     conversion's output (check_replaceable)."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
     if not src.exists():
         raise FormatError(f"{src} does not exist")
+    src = hf_cache_snapshot(src)
     if dst == src:
         raise FormatError(f"{dst}: the destination is the source")
     if dst.exists() or dst.is_symlink():
@@ -252,13 +290,16 @@ def convert(src: str | Path, dst: str | Path, src_format: str | None = None, dst
         raise FormatError(f"{dst_format} is a source format only")
     if arch is not None and dst_format != "hf":
         raise FormatError(f"--arch applies to --to hf only, not {dst_format}")
+    if max_shard_bytes is not None and dst_format != "hf":
+        raise FormatError(f"--max-shard-size applies to --to hf only, not {dst_format}")
+    extra = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     ckpt = READERS[src_format](src)
     dst.parent.mkdir(parents=True, exist_ok=True)  # a new folder for a file destination
     # a name no other conversion (or file of the user's) has: mkdtemp creates it, we write inside it
     scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".converting", dir=dst.parent))
     tmp = scratch / dst.name
     try:
-        WRITERS[dst_format](tmp, ckpt, arch)
+        WRITERS[dst_format](tmp, ckpt, arch, **extra)
         with_user_permissions(tmp)
         if dst.is_symlink() or dst.is_file():
             dst.unlink()
@@ -294,7 +335,24 @@ def check_replaceable(dst: Path, src: Path) -> None:
                           f"replace it (choose a new destination)")
 
 
-def main(argv=None) -> int:
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '20KB' or bytes -> bytes (save_pretrained's spellings)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise FormatError(f"--max-shard-size: {text!r} is not a size such as 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * SIZE_UNITS[(m.group(2) or "B").upper()])
+
+
+# (src, dst, tolerance) -> a line saying what was compared; FormatError when they differ beyond it
+Verifier = Callable[[Path, Path, float], str]
+
+
+def main(argv=None, verify: Verifier | None = None) -> int:
+    """The command line; `verify` (jaxgpt.convert passes its own, which needs
+    a framework to run the models) serves --verify."""
     p = Parser(prog="python -m jaxgpt.convert", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src")
@@ -302,11 +360,21 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="src_format", choices=FORMATS)
     p.add_argument("--to", dest="dst_format", choices=[f for f in FORMATS if f not in READ_ONLY])
     p.add_argument("--arch", choices=hf.ARCHS, help="Hugging Face architecture of an hf export")
-    p.add_argument("--force", action="store_true", help="replace an existing DST")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (a previous conversion's output)")
+    p.add_argument("--max-shard-size", help="hf export: shard the weights above this size (default 5GB)")
+    p.add_argument("--verify", action="store_true",
+                   help="after converting, run both sides on fixed token sequences; exit 2 if their logits differ")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="--verify: largest |logit difference| accepted")
     args = p.parse_args(argv)
 
     def body():
-        print(f"wrote {convert(args.src, args.dst, args.src_format, args.dst_format, args.arch, args.force)}")
+        if args.verify and verify is None:
+            raise FormatError("--verify needs a framework to run the models: use python -m jaxgpt.convert")
+        shard = None if args.max_shard_size is None else parse_size(args.max_shard_size)
+        dst = convert(args.src, args.dst, args.src_format, args.dst_format, args.arch, args.force, shard)
+        print(f"wrote {dst}")
+        if args.verify:
+            print(verify(hf_cache_snapshot(Path(args.src).absolute()), dst, args.tolerance))
     return guarded(body)
 
 

@@ -222,8 +222,13 @@ class _WithZeros(Mapping):
         return len(self._order)
 
 
-def write(directory: str | Path, ckpt: Checkpoint, arch: str | None = None) -> None:
-    """Write an HF directory at `directory` (which must not exist yet)."""
+MAX_SHARD_BYTES = 5 * 10**9  # save_pretrained's classic default ("5GB")
+
+
+def write(directory: str | Path, ckpt: Checkpoint, arch: str | None = None,
+          max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write an HF directory at `directory` (which must not exist yet), its
+    weights sharded above max_shard_bytes as save_pretrained shards them."""
     directory = Path(directory)
     arch = arch or default_arch(ckpt.cfg)
     if arch in ARCHS:
@@ -231,7 +236,7 @@ def write(directory: str | Path, ckpt: Checkpoint, arch: str | None = None) -> N
     config = config_to_hf(ckpt.cfg, arch, dtype_name(ckpt.tensors))
     pairs = to_foreign(ckpt.tensors, KEYMAPS[arch], ckpt.cfg)
     directory.mkdir(parents=True)
-    safetensors_io.write(directory / "model.safetensors", pairs, {"format": "pt"})
+    safetensors_io.write_sharded(directory, pairs, max_shard_bytes, {"format": "pt"})
     if ckpt.tokenizer is not None:
         shutil.copyfile(ckpt.tokenizer, directory / "tokenizer.json")
         tokens = special_tokens(ckpt.tokenizer)

@@ -80,29 +80,88 @@ class ShardedSafetensors(Mapping):
 
 def write(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
     """Write (name, array) pairs to `path`, one tensor in memory at a time."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    header, offset = {}, 0
+    writer = _Writer(Path(path))
     try:
-        with open(data, "wb") as f:
-            for name, a in tensors:
-                a = np.ascontiguousarray(a)
-                if a.dtype.byteorder == ">":
-                    a = a.astype(a.dtype.newbyteorder("<"))
-                if a.dtype not in _DTYPES:
-                    raise FormatError(f"weight {name!r}: dtype {a.dtype} has no safetensors code")
-                header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape),
-                                "data_offsets": [offset, offset + a.nbytes]}
-                a.tofile(f)
-                offset += a.nbytes
-        if metadata:
-            header["__metadata__"] = metadata
+        for name, a in tensors:
+            writer.add(name, a)
+        writer.finish(metadata)
+    finally:
+        writer.discard()
+
+
+class _Writer:
+    """One safetensors file written as tensors arrive: their bytes go to a
+    side file (PATH.data) at once, the header and the bytes to PATH at finish."""
+
+    def __init__(self, path: Path):
+        self.path, self.data = path, path.with_name(path.name + ".data")
+        self.header, self.nbytes = {}, 0
+        self.f = open(self.data, "wb")
+
+    def add(self, name: str, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        if a.dtype not in _DTYPES:
+            raise FormatError(f"weight {name!r}: dtype {a.dtype} has no safetensors code")
+        self.header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape),
+                             "data_offsets": [self.nbytes, self.nbytes + a.nbytes]}
+        a.tofile(self.f)
+        self.nbytes += a.nbytes
+
+    def finish(self, metadata: dict[str, str] | None) -> None:
+        self.f.close()
+        header = {**self.header, **({"__metadata__": metadata} if metadata else {})}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        with open(path, "wb") as out:
+        with open(self.path, "wb") as out:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
-            with open(data, "rb") as f:
+            with open(self.data, "rb") as f:
                 shutil.copyfileobj(f, out)
+
+    def discard(self) -> None:
+        self.f.close()
+        self.data.unlink(missing_ok=True)
+
+
+def write_sharded(directory: Path, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int,
+                  metadata: dict[str, str] | None = None) -> list[str]:
+    """Hugging Face's layout: one model.safetensors when everything fits in
+    max_shard_bytes, else model-0000i-of-0000n.safetensors, each closed
+    before the tensor that would take it past the limit (a tensor larger
+    than the limit gets a shard of its own), and model.safetensors.index.json
+    mapping every name to its file. One tensor in memory at a time. Returns
+    the files written."""
+    shards: list[tuple[Path, list[str]]] = []
+    writer, total = None, 0
+    try:
+        for name, a in tensors:
+            a = np.asarray(a)
+            if writer is not None and writer.header and writer.nbytes + a.nbytes > max_shard_bytes:
+                writer.finish(metadata)
+                writer.discard()
+                writer = None
+            if writer is None:
+                writer = _Writer(directory / f".shard-{len(shards):05d}.tmp")
+                shards.append((writer.path, []))
+            writer.add(name, a)
+            shards[-1][1].append(name)
+            total += a.nbytes
+        if writer is not None:
+            writer.finish(metadata)
     finally:
-        data.unlink(missing_ok=True)
+        if writer is not None:
+            writer.discard()
+    if len(shards) == 1:
+        shards[0][0].rename(directory / "model.safetensors")
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, (path, members) in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(directory / name)
+        weight_map.update(dict.fromkeys(members, name))
+        names.append(name)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, "model.safetensors.index.json"]
