@@ -87,8 +87,10 @@ class Tokenizer:
             # HF's add_prefix_space adds a space only when the text does not already
             # start with one, so " a" and "a" would encode alike. Encoding with the
             # flag off and adding the space ourselves keeps encode injective (and
-            # identical to HF for text that does not start with a space).
-            self._prefix_space = bool(pre.get("add_prefix_space"))
+            # identical to HF for text that does not start with a space). The
+            # form hf_exact_json writes (a Prepend(" ") normalizer and a Strip
+            # decoder) says the same, and HF then encodes every text as we do.
+            self._prefix_space = bool(pre.get("add_prefix_space")) or _take_prefix_steps(spec)
             pre["add_prefix_space"] = False
             self._known_chars = frozenset()
             known = {b for b, c in _BYTE_CHAR.items() if c in vocab}
@@ -181,7 +183,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], *, start: bool = True) -> str:
         """Text of `ids` (special tokens included). `start`: the ids begin a
         sequence, as `encode(..., start=True)` made them."""
-        text = self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+        text = self._encoder.decode([int(i) for i in ids], skip_special_tokens=False)
         if self._prefix_space and start and text.startswith(" "):
             text = text[1:]
         return text
@@ -241,6 +243,26 @@ class Tokenizer:
                 return token_id
         return None
 
+    def hf_exact_json(self) -> str:
+        """tokenizer.json text that `transformers` (AutoTokenizer) encodes
+        exactly as `encode` does, every text included: a byte-level BPE
+        with add_prefix_space (which HF skips for text already starting
+        with a space) is written with the flag off, a normalizer that always
+        prepends the space and a decoder that strips it. Any other
+        tokenizer's file is returned as it is."""
+        spec = json.loads(self.hf.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        if self.kind != "bpe" or not pre.get("add_prefix_space"):
+            return self.hf.to_str(pretty=True)
+        pre["add_prefix_space"] = False
+        prepend = {"type": "Prepend", "prepend": " "}
+        norm = spec.get("normalizer")
+        spec["normalizer"] = prepend if norm is None else {"type": "Sequence", "normalizers": [norm, prepend]}
+        strip = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        dec = spec.get("decoder")
+        spec["decoder"] = strip if dec is None else {"type": "Sequence", "decoders": [dec, strip]}
+        return tokenizers.Tokenizer.from_str(json.dumps(spec)).to_str(pretty=True)
+
     @property
     def fingerprint(self) -> str:
         """sha256 of the tokenizer.json content: equal fingerprints, equal ids."""
@@ -248,3 +270,25 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+def _take_prefix_steps(spec: dict) -> bool:
+    """Remove hf_exact_json's Prepend(" ") normalizer and Strip decoder from
+    spec (the encoder adds and removes the space itself, at the start of a
+    sequence only); True when they were there."""
+    prepend = {"type": "Prepend", "prepend": " "}
+    norm, dec = spec.get("normalizer"), spec.get("decoder")
+    if norm == prepend:
+        spec["normalizer"] = None
+    elif norm and norm.get("type") == "Sequence" and norm["normalizers"][-1:] == [prepend]:
+        rest = norm["normalizers"][:-1]
+        spec["normalizer"] = rest[0] if len(rest) == 1 else {**norm, "normalizers": rest}
+    else:
+        return False
+    strip = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+    if dec == strip:
+        spec["decoder"] = None
+    elif dec and dec.get("type") == "Sequence" and dec["decoders"][-1:] == [strip]:
+        rest = dec["decoders"][:-1]
+        spec["decoder"] = rest[0] if len(rest) == 1 else {**dec, "decoders": rest}
+    return True

@@ -104,7 +104,8 @@ def test_a_hugging_face_cache_layout_imports(model_dir, tmp_path):
     for src in (root, snapshot):
         out = convert(src, tmp_path / f"from_{src.name}")
         assert np.array_equal(logits(out), logits(model_dir))
-        assert (out / "tokenizer.json").read_text() == (model_dir / "tokenizer.json").read_text()
+        tok, original = (Tokenizer.load(d / "tokenizer.json") for d in (out, model_dir))
+        assert [tok.encode(t) for t in TEXTS] == [original.encode(t) for t in TEXTS]
 
 
 def test_verify_passes_an_exact_conversion_and_fails_a_corrupted_one(model_dir, tmp_path, capsys, monkeypatch):
@@ -123,3 +124,24 @@ def test_verify_passes_an_exact_conversion_and_fails_a_corrupted_one(model_dir, 
     assert main([str(model_dir), str(tmp_path / "bad.safetensors"), "--verify"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --verify:") and err.count("\n") == 1, err
+
+
+TEXTS = ["To be", " To be", "  two spaces", "\nafter a newline", "café ☃ über\n\nend ", " ", "question"]
+
+
+def test_transformers_encodes_every_text_as_we_do(model_dir, tmp_path):
+    """A byte-level BPE with a prefix space: HF's own flag skips the space
+    for text that already starts with one (" To be" and "To be" would
+    collide), so the export says it as a Prepend normalizer and a Strip
+    decoder. AutoTokenizer then gives our ids and our text for every text,
+    and the exported file reads back as the same tokenizer."""
+    hf = convert(model_dir, tmp_path / "hf", dst_format="hf")
+    ours = Tokenizer.load(model_dir / "tokenizer.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(hf)
+    back = Tokenizer.load(convert(hf, tmp_path / "back") / "tokenizer.json")
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert theirs(text)["input_ids"] == ids, text
+        assert theirs.decode(ids) == text == ours.decode(ids)
+        assert back.encode(text) == ids and back.encode(text, start=False) == ours.encode(text, start=False)
+    assert len({tuple(ours.encode(t)) for t in TEXTS}) == len(TEXTS)  # injective: " To be" is not "To be"

@@ -20,7 +20,6 @@ reads either.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -43,6 +42,7 @@ from gptcore.formats.keymap import (
 )
 from gptcore.formats.state import check_layer_count, state_shapes
 from gptcore.model_dir import tokenizer_path
+from gptcore.tokenizer import Tokenizer
 
 GPT2 = KeyMap("HF GPT-2", {
     "tok_emb.weight": "transformer.wte.weight",
@@ -238,7 +238,8 @@ def write(directory: str | Path, ckpt: Checkpoint, arch: str | None = None,
     directory.mkdir(parents=True)
     safetensors_io.write_sharded(directory, pairs, max_shard_bytes, {"format": "pt"})
     if ckpt.tokenizer is not None:
-        shutil.copyfile(ckpt.tokenizer, directory / "tokenizer.json")
+        # transformers' AutoTokenizer then gives our ids for every text (Tokenizer.hf_exact_json)
+        (directory / "tokenizer.json").write_text(Tokenizer.load(ckpt.tokenizer).hf_exact_json(), encoding="utf-8")
         tokens = special_tokens(ckpt.tokenizer)
         (directory / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.cfg.context_length,
