@@ -32,7 +32,8 @@ class CheckpointError(UserError):
 
 
 def write_model_dir(directory: str | Path, cfg: ModelConfig, tokenizer_file: str | Path | None,
-                    write_weights: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+                    write_weights: Callable[[Path], None], *, overwrite: bool = False,
+                    hf_source: dict | None = None) -> Path:
     """Write config, tokenizer and (via `write_weights(tmp_dir)`) weights into
     a temporary sibling, then rename it into place: a crash never leaves a
     half-written directory under the final name. An existing directory is
@@ -44,7 +45,8 @@ def write_model_dir(directory: str | Path, cfg: ModelConfig, tokenizer_file: str
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    (tmp / CONFIG_FILE).write_text(json.dumps({"format": "jaxgpt", "model": cfg.to_dict()}, indent=2))
+    meta = {"format": "jaxgpt", "model": cfg.to_dict(), **({"hf_source": hf_source} if hf_source else {})}
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
     write_weights(tmp)
@@ -86,6 +88,15 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a jaxgpt model directory)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path}: unreadable model config ({e.__class__.__name__}: {e})") from None
+
+
+def read_hf_source(directory: Path) -> dict | None:
+    """The Hugging Face files a model directory was converted from, kept in its config.json (or None)."""
+    try:
+        kept = json.loads((directory / CONFIG_FILE).read_text()).get("hf_source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kept if isinstance(kept, dict) else None
 
 
 def tokenizer_path(directory: Path) -> Path | None:

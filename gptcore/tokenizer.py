@@ -52,7 +52,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_CHAR = _bytes_to_unicode()
 
 
-EOS_TOKENS = ("[eos]", "<|endoftext|>")
+EOS_TOKENS = ("[eos]", "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>")  # the first a tokenizer has is its eos
 
 
 class Tokenizer:

@@ -2,9 +2,9 @@
 jaxgpt / torchgpt model directories, .pt, safetensors, Hugging Face and
 nanoGPT. The converter is framework-free and lives in
 gptcore/formats/convert.py; this entry point is where the README names it,
-and adds what needs a framework: --verify runs both sides (with JAX, and
-with `transformers` too when DST is a Hugging Face directory and it is
-installed) on fixed token sequences and compares their logits.
+and adds what needs a framework: --verify runs both sides with JAX on
+fixed token sequences and compares their logits (that transformers reads
+our Hugging Face exports as we do is the parity suite's part).
 """
 
 from __future__ import annotations
@@ -29,18 +29,6 @@ def logits_of(path: Path, ids: np.ndarray) -> np.ndarray:
     return np.asarray(GPT(ckpt.cfg).apply({"params": params}, ids).logits, np.float32)
 
 
-def transformers_logits(path: Path, ids: np.ndarray) -> np.ndarray | None:
-    """The logits transformers computes for a Hugging Face directory (None without transformers)."""
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        return None
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        return model(torch.as_tensor(ids)).logits.numpy()
-
-
 def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(max |a - b|, mean KL(softmax a || softmax b) per position)."""
     la = a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
@@ -56,8 +44,6 @@ def verify(src: Path, dst: Path, tolerance: float) -> str:
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (VERIFY_SEQUENCES, length), dtype=np.int32)
     reference = logits_of(src, ids)
     sides = {"jaxgpt": logits_of(dst, ids)}
-    if formats.source_format(dst) == "hf" and (theirs := transformers_logits(dst, ids)) is not None:
-        sides["transformers"] = theirs
     lines = []
     for name, got in sides.items():
         if got.shape != reference.shape:

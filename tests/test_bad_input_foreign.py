@@ -151,7 +151,8 @@ CASES = {
     "prompt_file_of_a_gigabyte": (tgen.main, lambda u, o: ["--checkpoint", u.model, "--prompt-file",
                                                            sparse_file(u, "huge_prompt.txt", 2**30)],
                                   "more than the 16,777,216 accepted"),
-    "checkpoint_a_file_without_tokenizer": (jgen.main, lambda u, o: ["--checkpoint", u.safetensors],
+    "checkpoint_a_file_without_tokenizer": (jgen.main, lambda u, o: ["--checkpoint", safetensors_with_config(
+        u, "no_tokenizer", json.dumps(json.loads((u.model / "config.json").read_text())["model"]))],
                                             "no tokenizer.json"),
     # model configs of the wrong JSON type, from every format
     "model_dir_config_model_a_list": (jgen.main, lambda u, o: ["--checkpoint", edited_json(

@@ -35,6 +35,9 @@ class Checkpoint:
     cfg: ModelConfig
     tensors: Mapping[str, np.ndarray]  # our torch-style names; may load lazily, one tensor per access
     tokenizer: Path | None = None  # a tokenizer.json to copy along
+    # the Hugging Face files it was imported from ({"config.json": {...}, "tokenizer_config.json": ...}):
+    # an export to the same architecture keeps every field they hold
+    hf_source: dict | None = None
 
 
 def dtype_name(tensors: Mapping[str, np.ndarray]) -> str:

@@ -48,6 +48,7 @@ from gptcore.model_dir import (
     SAFETENSORS_FILE,
     CheckpointError,
     find_model_dir,
+    read_hf_source,
     read_model_config,
     tokenizer_path,
     with_user_permissions,
@@ -74,7 +75,7 @@ def read_jaxgpt(path: Path) -> Checkpoint:
         raise FormatError(f"{directory}: no {SAFETENSORS_FILE}")
     tensors = safetensors_io.SafetensorsFile(directory / SAFETENSORS_FILE)
     check_state({k: tensors.shape(k) for k in tensors}, cfg, str(directory))
-    return Checkpoint(cfg, InOrder(tensors, cfg), tokenizer_path(directory))
+    return Checkpoint(cfg, InOrder(tensors, cfg), tokenizer_path(directory), read_hf_source(directory))
 
 
 def read_pt(path: Path) -> Checkpoint:
@@ -174,7 +175,7 @@ def write_jaxgpt(path: Path, ckpt: Checkpoint, arch=None) -> None:
         tensors = ((k, np.asarray(v, np.float32)) for k, v in ckpt.tensors.items())
         safetensors_io.write(tmp / SAFETENSORS_FILE, tensors, {"format": "pt"})
     try:
-        write_model_dir(path, ckpt.cfg, ckpt.tokenizer, write_weights)
+        write_model_dir(path, ckpt.cfg, ckpt.tokenizer, write_weights, hf_source=ckpt.hf_source)
     except CheckpointError as e:
         raise FormatError(str(e)) from None
 

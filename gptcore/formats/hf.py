@@ -25,6 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
+from gptcore.errors import UserError
 from gptcore.formats import Checkpoint, FormatError, dtype_name, safetensors_io
 from gptcore.formats.hf_config import ARCHS, config_from_hf, config_to_hf, default_arch  # noqa: F401
 from gptcore.formats.keymap import (
@@ -41,7 +42,7 @@ from gptcore.formats.keymap import (
     to_foreign,
 )
 from gptcore.formats.state import check_layer_count, state_shapes
-from gptcore.model_dir import tokenizer_path
+from gptcore.model_dir import check_inside, tokenizer_path
 from gptcore.tokenizer import Tokenizer
 
 GPT2 = KeyMap("HF GPT-2", {
@@ -159,7 +160,26 @@ def read(directory: str | Path) -> Checkpoint:
         foreign = _Prefixed(foreign)
     if cfg.tie_embeddings:  # a tied checkpoint may still carry the head's copy
         keymap = keymap._replace(ignored=keymap.ignored + ("lm_head.weight",))
-    return Checkpoint(cfg, from_foreign(foreign, keymap, cfg, str(directory)), tokenizer_path(directory))
+    kept = {"config.json": hf}
+    for name in HF_SIDE_FILES:  # regular files of the directory that parse, as the tokenizer
+        path = directory / name
+        if path.is_file() and not path.is_symlink() or path.is_symlink() and _inside(path, directory):
+            try:
+                kept[name] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                pass
+    return Checkpoint(cfg, from_foreign(foreign, keymap, cfg, str(directory)), tokenizer_path(directory), kept)
+
+
+HF_SIDE_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        check_inside(path, directory)
+        return True
+    except UserError:
+        return False
 
 
 # the special tokens HF configs name, by role, as the common tokenizers spell them (ours: [eos], [pad])
@@ -203,7 +223,7 @@ def with_zero_biases(ckpt: Checkpoint, arch: str) -> Checkpoint:
     dtype = np.asarray(ckpt.tensors[next(iter(ckpt.tensors))]).dtype
     tensors = _WithZeros(ckpt.tensors, {n: shape for n, shape in ours.items() if n not in ckpt.tensors}, dtype,
                          list(ours))
-    return Checkpoint(cfg, tensors, ckpt.tokenizer)
+    return Checkpoint(cfg, tensors, ckpt.tokenizer, ckpt.hf_source)
 
 
 class _WithZeros(Mapping):
@@ -225,6 +245,28 @@ class _WithZeros(Mapping):
 MAX_SHARD_BYTES = 5 * 10**9  # save_pretrained's classic default ("5GB")
 
 
+def with_source_fields(config: dict, source: dict | None) -> dict:
+    """An exported config.json with every field of the HF config the model
+    was imported from (same model_type) that ours does not set: what we
+    cannot hold (initializer_range, use_cache, transformers_version, ...)
+    comes back as it was; the special-token ids we do not know stay theirs,
+    and a field we write keeps their value where it means the same model."""
+    if not source or source.get("model_type") != config["model_type"]:
+        return config
+    merged = {**source, **{k: v for k, v in config.items() if v is not None or k not in source}}
+    merged.update({k: v for k, v in source.items() if k.endswith("_token_id") and v is not None})  # theirs
+    meaning = config_from_hf(merged, "config")
+    for key, value in source.items():  # their spelling of a field (head_dim None for the default) where it means ours
+        if merged.get(key) != value:
+            candidate = {**merged, key: value}
+            try:
+                if config_from_hf(candidate, "config") == meaning:
+                    merged = candidate
+            except UserError:
+                pass
+    return merged
+
+
 def write(directory: str | Path, ckpt: Checkpoint, arch: str | None = None,
           max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write an HF directory at `directory` (which must not exist yet), its
@@ -233,20 +275,26 @@ def write(directory: str | Path, ckpt: Checkpoint, arch: str | None = None,
     arch = arch or default_arch(ckpt.cfg)
     if arch in ARCHS:
         ckpt = with_zero_biases(ckpt, arch)
-    config = config_to_hf(ckpt.cfg, arch, dtype_name(ckpt.tensors))
+    source = ckpt.hf_source or {}
+    config = with_source_fields(config_to_hf(ckpt.cfg, arch, dtype_name(ckpt.tensors)), source.get("config.json"))
     pairs = to_foreign(ckpt.tensors, KEYMAPS[arch], ckpt.cfg)
     directory.mkdir(parents=True)
     safetensors_io.write_sharded(directory, pairs, max_shard_bytes, {"format": "pt"})
+    same_arch = source.get("config.json", {}).get("model_type") == arch
     if ckpt.tokenizer is not None:
         # transformers' AutoTokenizer then gives our ids for every text (Tokenizer.hf_exact_json)
         (directory / "tokenizer.json").write_text(Tokenizer.load(ckpt.tokenizer).hf_exact_json(), encoding="utf-8")
         tokens = special_tokens(ckpt.tokenizer)
-        (directory / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.cfg.context_length,
-             **{f"{role}_token": token for role, (token, _) in tokens.items()}}, indent=2) + "\n")
         ids = {f"{role}_token_id": i for role, (_, i) in tokens.items()}
+        ids = {k: config[k] if config.get(k) is not None else v for k, v in ids.items()}  # an HF source's stay
         config.update(ids)
-        (directory / "generation_config.json").write_text(json.dumps(
-            {"_from_model_config": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **ids},
-            indent=2) + "\n")
+        side = {"tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",
+                                          "model_max_length": ckpt.cfg.context_length,
+                                          **{f"{role}_token": token for role, (token, _) in tokens.items()}},
+                "generation_config.json": {"_from_model_config": True, "bos_token_id": None, "eos_token_id": None,
+                                           "pad_token_id": None, **ids}}
+        if same_arch:  # the files the model came with, as they were
+            side.update({name: source[name] for name in HF_SIDE_FILES if name in source})
+        for name, content in side.items():
+            (directory / name).write_text(json.dumps(content, indent=2) + "\n")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
