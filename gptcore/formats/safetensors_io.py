@@ -17,7 +17,6 @@ from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from gptcore.formats import FormatError
 
@@ -26,31 +25,51 @@ _DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np
            np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(bool): "BOOL"}
 
 
+_CODES = {code: dtype for dtype, code in _DTYPES.items()}
+
+
 class SafetensorsFile(Mapping):
-    """The tensors of a .safetensors file, each read from disk when accessed."""
+    """The tensors of a .safetensors file, each read from disk when accessed,
+    with plain reads rather than a memory map: pages a map has touched stay
+    in the process's memory, so converting a file would hold all of it; a
+    read holds one tensor."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._file = safe_open(str(self.path), framework="numpy")
-        except Exception as e:  # safetensors raises its own error types for foreign / truncated files
-            raise FormatError(f"{self.path}: not a safetensors file ({str(e).splitlines()[0]})") from None
-        self._keys = list(self._file.keys())
-        self.metadata = self._file.metadata() or {}
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8 or n > 100 * 2**20:
+                    raise ValueError(f"header length {n} does not fit the file")
+                header = json.loads(f.read(n))
+            self.metadata = header.pop("__metadata__", None) or {}
+            self._entries = {name: (_CODES[e["dtype"]], tuple(e["shape"]), *e["data_offsets"])
+                             for name, e in header.items()}
+            self._base = 8 + n
+            if any(self._base + stop > size or start > stop for _, _, start, stop in self._entries.values()):
+                raise ValueError("a tensor's data lies past the end of the file (truncated?)")
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise FormatError(f"{self.path}: not a safetensors file ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._keys:
-            raise KeyError(name)
-        return self._file.get_tensor(name)
+        dtype, shape, start, stop = self._entries[name]
+        data = np.empty(stop - start, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(data) != data.nbytes:
+                raise FormatError(f"{self.path}: tensor {name!r} is cut short (truncated file?)")
+        return data.view(dtype).reshape(shape)
 
     def shape(self, name: str) -> tuple:
-        return tuple(self._file.get_slice(name).get_shape())
+        return self._entries[name][1]
 
     def __iter__(self):
-        return iter(self._keys)
+        return iter(self._entries)
 
     def __len__(self):
-        return len(self._keys)
+        return len(self._entries)
 
 
 class ShardedSafetensors(Mapping):
