@@ -115,7 +115,9 @@ def test_safetensors_writer_matches_the_library(tmp_path):
 @pytest.mark.parametrize("name", preset_names())
 def test_round_trip_every_format_bitwise(name, tmp_path):
     """.pt -> .safetensors -> jaxgpt dir -> .pt, and .pt -> HF -> .safetensors
-    where HF can express the preset: fp32 bit-identical, config unchanged."""
+    where HF can express the preset: fp32 bit-identical, config unchanged,
+    and transformers' logits of the HF export equal ours (1e-4 relative to
+    the largest logit: these weights are N(0, 0.5), logits in the tens)."""
     cfg = tiny(load_model_config(name))
     state = random_state(cfg)
     save_pt(tmp_path / "a.pt", cfg, state)
@@ -130,6 +132,11 @@ def test_round_trip_every_format_bitwise(name, tmp_path):
         assert not (tmp_path / "hf").exists() and not (tmp_path / ".hf.converting").exists()
         return
     convert(tmp_path / "a.pt", tmp_path / "hf", dst_format="hf")
+    ids = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context_length)))
+    with torch.no_grad():  # transformers computes the function the preset's model computes
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits.numpy()
+        ours = tm.load_state_arrays(state, cfg).eval()(ids).logits.numpy()
+    assert np.abs(theirs - ours).max() <= 1e-4 * max(1.0, np.abs(ours).max())
     convert(tmp_path / "hf", tmp_path / "e.pt")
     back, back_cfg = read_pt(tmp_path / "e.pt"), ModelConfig.from_dict(torch_pt.load(tmp_path / "e.pt")["config"])
     if back_cfg.qkv_fused != cfg.qkv_fused:  # HF Llama keeps q, k, v apart: fuse them back
