@@ -152,7 +152,8 @@ class _Windows:
     """Shared checks and gathering of (x, y) windows from a token stream."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, split: str):
-        tokens = np.asarray(tokens)  # a memmap stays a view of the file
+        if not getattr(tokens, "lazy_tokens", False):  # gptcore.prepare.ShardedTokens reads only what it is asked
+            tokens = np.asarray(tokens)  # a memmap stays a view of the file
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise DataError(f"{split} tokens must be a 1-D integer array, got {tokens.dtype} {tokens.shape}")
         if block_size < 1 or batch_size < 1:

@@ -106,7 +106,7 @@ def resolve(preset: str | None, overrides: list[str], resume: bool = False, chec
     out_dir = Path(train.out_dir).expanduser()
     if check_out:
         check_out_dir(out_dir, resume)
-    text = corpus_from_spec(data.corpus, Path(data.cache_dir).expanduser())
+    text = "" if data.tokens else corpus_from_spec(data.corpus, Path(data.cache_dir).expanduser())
     if resume:
         tokenizer = Tokenizer.load(out_dir / TOKENIZER_FILE)
         run = Run("resume", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer,
@@ -127,7 +127,12 @@ def resolve(preset: str | None, overrides: list[str], resume: bool = False, chec
 
 
 def make_tokenizer(data: DataConfig, text: str) -> Tokenizer:
-    """A fresh run's tokenizer: trained on the corpus (char, bpe), GPT-2's, or a tokenizer.json file."""
+    """A fresh run's tokenizer: a token dataset's own (data.tokens), trained
+    on the corpus (char, bpe), GPT-2's, or a tokenizer.json file."""
+    if data.tokens:
+        from gptcore.prepare import read_manifest
+        read_manifest(Path(data.tokens).expanduser())  # a usable dataset, or one line saying why not
+        return Tokenizer.load(Path(data.tokens).expanduser() / TOKENIZER_FILE)
     if data.tokenizer == "char":
         return Tokenizer.train_char(text)
     if data.tokenizer == "bpe":
@@ -236,7 +241,14 @@ def fingerprint(run: Run) -> dict:
     and the corpus it trains on (written at its start, in FINGERPRINT_FILE)."""
     return json.loads(json.dumps({  # as it reads back (tuples become lists)
         "model": run.model.to_dict(), "tokenizer_sha256": run.tokenizer.fingerprint, "corpus": run.data.corpus,
-        "corpus_sha256": hashlib.sha256(run.corpus.encode("utf-8")).hexdigest()}))
+        "corpus_sha256": _data_sha256(run)}))
+
+
+def _data_sha256(run: Run) -> str:
+    """The sha256 of the corpus text, or of a token dataset's manifest (its shards' checksums within)."""
+    if run.data.tokens:
+        return hashlib.sha256((Path(run.data.tokens).expanduser() / "manifest.json").read_bytes()).hexdigest()
+    return hashlib.sha256(run.corpus.encode("utf-8")).hexdigest()
 
 
 def check_fingerprint(run: Run) -> None:

@@ -123,6 +123,9 @@ class DataConfig:
     sampler: str = "random"  # "random" windows (nanoGPT) or "sliding" windows (seed 003)
     stride: int | None = None  # sliding windows' stride; None: block_size
     cache_dir: str = "~/.cache/jaxgpt"  # downloaded corpora
+    tokens: str | None = None  # a token dataset directory written by jaxgpt.prepare: trains on it (corpus unread)
+    text_field: str = "text"  # jaxgpt.prepare: the field of a jsonl record / parquet column holding the text
+    num_proc: int = 0  # jaxgpt.prepare: encoding processes (0: one per core)
 
     def __post_init__(self):
         check_field_types(self, _CHOICES)
@@ -177,6 +180,7 @@ def _check_values(c) -> None:
         require(c.bpe_vocab_size > 0, "bpe_vocab_size", "must be positive")
         require(0.0 < c.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
         require(c.stride is None or c.stride > 0, "stride", "must be positive")
+        require(c.num_proc >= 0, "num_proc", "must be >= 0 (0: one per core)")
         return
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
                  "keep_checkpoints", "fsdp", "tensor", "expert"):

@@ -42,7 +42,12 @@ METRICS_FILE = "metrics.jsonl"
 
 # -- run directory ------------------------------------------------------------------
 def prepare_data(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """(train tokens, val tokens), encoded once into OUT_DIR/data."""
+    """(train tokens, val tokens): a token dataset's shards (data.tokens), or
+    the corpus encoded once into OUT_DIR/data."""
+    if run.data.tokens:
+        from gptcore.prepare import ShardedTokens
+        return ShardedTokens(Path(run.data.tokens).expanduser(), "train"), \
+            ShardedTokens(Path(run.data.tokens).expanduser(), "val")
     out = run.out_dir / "data"
     prepare_tokens(run.corpus, run.tokenizer, out, run.data.val_fraction)
     return load_tokens(out, "train"), load_tokens(out, "val")

@@ -1,0 +1,148 @@
+"""Token datasets (gptcore.prepare, python -m jaxgpt.prepare): every input
+kind round-trips, the parallel encoding writes what one process writes, a
+finished dataset is reused and a corrupted one refused, windows read across
+shards are the windows of the joined stream, and a run trains from one."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import SHAKESPEARE
+
+import jaxgpt.prepare as jprepare
+import jaxgpt.train as jtrain
+from gptcore.data import DataError, RandomWindows
+from gptcore.prepare import ShardedTokens, prepare, read_manifest
+from gptcore.tokenizer import Tokenizer
+
+DOCS = [d for d in SHAKESPEARE.read_text(encoding="utf-8").split("\n\n") if d.strip()][:400]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train_bpe(DOCS, 400)
+
+
+def write_inputs(root: Path) -> dict[str, tuple[str, list[str]]]:
+    """One corpus per input kind: spec -> the documents it holds, in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root.mkdir()
+    (root / "one.txt").write_text(DOCS[0])
+    tree = root / "tree" / "sub"
+    tree.mkdir(parents=True)
+    (root / "tree" / "a.txt").write_text(DOCS[1])
+    (tree / "b.txt").write_text(DOCS[2])
+    with open(root / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS[3:50]))
+    with gzip.open(root / "docs.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"body": d}) + "\n" for d in DOCS[50:90])
+    pq.write_table(pa.table({"text": DOCS[90:130]}), root / "docs.parquet", row_group_size=7)
+    hub = root / "hub"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[130:150]))
+    many = root / "many"
+    many.mkdir()
+    for i in range(3):
+        (many / f"part{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[150 + 80 * i:
+                                                                                             230 + 80 * i]))
+    return {"txt": (str(root / "one.txt"), DOCS[:1], "text"),
+            "many": (str(many), DOCS[150:390], "text"),
+            "tree": (str(root / "tree"), [DOCS[1], DOCS[2]], "text"),  # sorted paths: a.txt, then sub/b.txt
+            "jsonl": (str(root / "docs.jsonl"), DOCS[3:50], "text"),
+            "jsonl.gz": (str(root / "docs.jsonl.gz"), DOCS[50:90], "body"),
+            "parquet": (str(root / "docs.parquet"), DOCS[90:130], "text"),
+            "hf datasets": (f"hf:{hub}", DOCS[130:150], "text")}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return write_inputs(tmp_path_factory.mktemp("inputs") / "corpora")
+
+
+def split_tokens(directory: Path, split: str) -> np.ndarray:
+    tokens = ShardedTokens(directory, split)
+    return tokens[np.arange(len(tokens))]
+
+
+@pytest.mark.parametrize("kind", ["txt", "tree", "jsonl", "jsonl.gz", "parquet", "hf datasets"])
+def test_every_input_kind_round_trips(kind, inputs, tok, tmp_path):
+    spec, docs, field = inputs[kind]
+    manifest = prepare(spec, tok, tmp_path / "ds", text_field=field, val_fraction=0.0, num_proc=1)
+    ids = split_tokens(tmp_path / "ds", "train").tolist()
+    assert ids[-1] == tok.eos_id
+    ends = [i for i, t in enumerate(ids) if t == tok.eos_id]
+    parts = [ids[a + 1:b] for a, b in zip([-1, *ends[:-1]], ends)]  # each document's ids, eos between
+    assert [tok.decode(part) for part in parts] == docs
+    assert manifest["splits"]["train"]["documents"] == len(docs) and manifest["dtype"] == "uint16"
+
+
+def test_parallel_encoding_writes_what_one_process_writes(inputs, tok, tmp_path):
+    """Two worker processes, small shards and a document-wise val split: the
+    same manifest and shard bytes as one process (documents keep their order)."""
+    spec = inputs["many"][0]
+    one, two = (prepare(spec, tok, tmp_path / f"p{n}", num_proc=n, shard_tokens=3000, val_fraction=0.1,
+                        batch_docs=5) for n in (1, 2))
+    assert one["splits"] == two["splits"] and len(one["splits"]["train"]["shards"]) > 3
+    assert one["splits"]["val"]["documents"] > 0
+    for shard in one["splits"]["train"]["shards"]:
+        assert (tmp_path / "p1" / shard["file"]).read_bytes() == (tmp_path / "p2" / shard["file"]).read_bytes()
+
+
+def test_windows_across_shards_are_the_joined_streams(inputs, tok, tmp_path):
+    """A batch is a pure function of (seed, step) whether the tokens sit in
+    one array or in shards of 1000."""
+    prepare(inputs["jsonl"][0], tok, tmp_path / "ds", num_proc=1, shard_tokens=1000, val_fraction=0.0)
+    sharded = ShardedTokens(tmp_path / "ds", "train")
+    assert len(read_manifest(tmp_path / "ds")["splits"]["train"]["shards"]) > 3
+    joined = split_tokens(tmp_path / "ds", "train")
+    for step in range(5):
+        a, b = (RandomWindows(t, 64, 8, seed=3).batch(step) for t in (sharded, joined))
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_a_finished_dataset_is_reused_and_a_corrupted_one_refused(inputs, tok, tmp_path):
+    spec = inputs["jsonl"][0]
+    first = prepare(spec, tok, tmp_path / "ds", num_proc=1, val_fraction=0.1)
+    shard = tmp_path / "ds" / first["splits"]["train"]["shards"][0]["file"]
+    stamp = shard.stat().st_mtime_ns
+    assert prepare(spec, tok, tmp_path / "ds", num_proc=1, val_fraction=0.1) == first
+    assert shard.stat().st_mtime_ns == stamp  # reused, not rewritten
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="checksum does not match"):
+        read_manifest(tmp_path / "ds", verify=True)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"text": "fine"}\n{"body": "no text field"}\n', "bad.jsonl:2: no text field 'text'"),
+    ('{"text": "fine"}\nnot json\n', "bad.jsonl:2: not a JSON record"),
+    ("", "empty"),
+])
+def test_bad_input_is_one_line(content, needle, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text(content)
+    code = jprepare.main([f"data.corpus={tmp_path / 'bad.jsonl'}", "data.tokenizer=char", "data.num_proc=1",
+                          "--out", str(tmp_path / "ds")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_a_run_trains_from_a_token_dataset(inputs, tmp_path, capsys):
+    """python -m jaxgpt.prepare, then python -m jaxgpt.train data.tokens=DIR: the
+    run takes the dataset's tokenizer, and --resume knows the dataset."""
+    corpus = inputs["many"][0]
+    assert jprepare.main([f"data.corpus={corpus}", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
+                          "data.val_fraction=0.1", "data.num_proc=2", "--out", str(tmp_path / "ds")]) == 0
+    args = ["--config", "debug", "model.vocab_size=auto", f"data.tokens={tmp_path / 'ds'}",
+            f"train.out_dir={tmp_path / 'run'}", "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=1",
+            "train.sample_tokens=0"]
+    assert jtrain.main(args) == 0
+    run_tok = Tokenizer.load(tmp_path / "run" / "tokenizer.json")
+    assert run_tok.fingerprint == Tokenizer.load(tmp_path / "ds" / "tokenizer.json").fingerprint
+    assert not (tmp_path / "run" / "data").exists()  # the shards are read where they are
+    assert jtrain.main([*args, "--resume", "train.max_steps=6"]) == 0
