@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcore.data import DataError
+from gptcore.data import DataError, _chunks
 from gptcore.errors import check_regular_file, write_atomic
 from gptcore.tokenizer import Tokenizer
 
@@ -136,19 +136,35 @@ def _init_worker(tokenizer_json: str, separator: int) -> None:
     path.unlink()
 
 
-def _encode(batch: list[str]) -> list[np.ndarray]:
-    """Each document's ids with the separator after it."""
+# a piece of a document: (text, starts the document, ends the document)
+Piece = tuple[str, bool, bool]
+
+
+def _encode(batch: list[Piece]) -> list[np.ndarray]:
+    """Each piece's ids, the separator after a document's last piece."""
     tok, sep = _WORKER["tokenizer"], _WORKER["separator"]
-    return [np.asarray(ids + [sep]) for ids in tok.encode_batch(batch)]
+    out = []
+    for text, first, last in batch:
+        ids = tok.encode(text, start=first) if text else []
+        out.append(np.asarray(ids + [sep] if last else ids, dtype=np.int64))
+    return out
 
 
-def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batches(docs: Iterator[str], batch_bytes: int) -> Iterator[list[Piece]]:
+    """Documents as pieces of about batch_bytes at most (cut where byte-level
+    BPE never merges across, gptcore.data._chunks, so a document's ids are
+    those of its whole text), grouped into batches of about batch_bytes:
+    a worker holds one batch's encodings, never a whole large document's."""
+    batch: list[Piece] = []
+    size = 0
     for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
+        pieces = list(_chunks(doc, batch_bytes)) if len(doc) > batch_bytes else [doc]
+        for i, piece in enumerate(pieces):
+            batch.append((piece, i == 0, i == len(pieces) - 1))
+            size += len(piece)
+            if size >= batch_bytes:
+                yield batch
+                batch, size = [], 0
     if batch:
         yield batch
 
@@ -163,8 +179,8 @@ class _ShardWriter:
         self.f = self.hash = None
         self.count = 0
 
-    def add(self, ids: np.ndarray) -> None:
-        self.documents += 1
+    def add(self, ids: np.ndarray, ends_document: bool = True) -> None:
+        self.documents += ends_document
         ids = ids.astype(self.dtype)
         while len(ids):
             if self.f is None:
@@ -189,7 +205,7 @@ class _ShardWriter:
 
 def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field: str = "text",
             val_fraction: float = 0.01, num_proc: int | None = None, shard_tokens: int = 100_000_000,
-            batch_docs: int = 64, progress: bool = False) -> dict:
+            batch_bytes: int = 1 << 20, progress: bool = False) -> dict:
     """Encode the corpus `spec` into out_dir (see the module docstring);
     returns the manifest. A directory whose manifest says the same source,
     tokenizer and settings, with every shard's checksum right, is reused."""
@@ -218,9 +234,8 @@ def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field:
     with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker,
                                                    (tokenizer.hf.to_str(), separator)) as pool:
         pending: deque = deque()
-        batches = _batches(documents(spec, text_field), batch_docs)
-        for batch in batches:
-            pending.append((pool.apply_async(_encode, (batch,)), sum(len(d.encode("utf-8")) for d in batch)))
+        for batch in _batches(documents(spec, text_field), batch_bytes):
+            pending.append((pool.apply_async(_encode, (batch,)), batch))
             while len(pending) > 2 * num_proc:
                 index = _drain(pending.popleft(), writers, every, index, bar)
         while pending:
@@ -239,13 +254,14 @@ def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field:
 
 
 def _drain(item, writers: dict, every: int, index: int, bar) -> int:
-    result, nbytes = item
-    for ids in result.get():
+    """Write a finished batch's ids; index counts whole documents (val: every `every`-th)."""
+    result, batch = item
+    for ids, (text, _, last) in zip(result.get(), batch):
         split = "val" if every and (index + 1) % every == 0 else "train"
-        writers[split].add(ids)
-        index += 1
+        writers[split].add(ids, last)
+        index += last
     if bar is not None:
-        bar.update(nbytes)
+        bar.update(sum(len(text) for text, _, _ in batch))
     return index
 
 
@@ -253,7 +269,7 @@ def _progress(enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="encoding")
+    return tqdm(unit="char", unit_scale=True, desc="encoding")
 
 
 def _source_stamp(spec: str) -> list | str:

@@ -86,7 +86,7 @@ def test_parallel_encoding_writes_what_one_process_writes(inputs, tok, tmp_path)
     same manifest and shard bytes as one process (documents keep their order)."""
     spec = inputs["many"][0]
     one, two = (prepare(spec, tok, tmp_path / f"p{n}", num_proc=n, shard_tokens=3000, val_fraction=0.1,
-                        batch_docs=5) for n in (1, 2))
+                        batch_bytes=2000) for n in (1, 2))
     assert one["splits"] == two["splits"] and len(one["splits"]["train"]["shards"]) > 3
     assert one["splits"]["val"]["documents"] > 0
     for shard in one["splits"]["train"]["shards"]:
@@ -146,3 +146,12 @@ def test_a_run_trains_from_a_token_dataset(inputs, tmp_path, capsys):
     assert run_tok.fingerprint == Tokenizer.load(tmp_path / "ds" / "tokenizer.json").fingerprint
     assert not (tmp_path / "run" / "data").exists()  # the shards are read where they are
     assert jtrain.main([*args, "--resume", "train.max_steps=6"]) == 0
+
+
+def test_a_long_document_is_encoded_in_pieces_as_a_whole(tok, tmp_path):
+    """Documents longer than a batch are cut where byte-level BPE never
+    merges across: their ids are those of the whole text."""
+    doc = "\n\n".join(DOCS)
+    (tmp_path / "long.txt").write_text(doc)
+    prepare(str(tmp_path / "long.txt"), tok, tmp_path / "ds", num_proc=2, val_fraction=0.0, batch_bytes=3000)
+    assert split_tokens(tmp_path / "ds", "train").tolist() == tok.encode(doc) + [tok.eos_id]
