@@ -119,8 +119,11 @@ def resolve(preset: str | None, overrides: list[str], resume: bool = False, chec
         path = tokenizer_path(source_dir)
         if path is None:
             raise CheckpointError(f"{train.init_from}: no tokenizer.json to fine-tune with")
-        return Run("finetune", out_dir, finetune_config(loaded, tables), train, data, Tokenizer.load(path),
-                   source_dir, text)
+        tokenizer = Tokenizer.load(path)
+        if data.tokens and make_tokenizer(data, text).fingerprint != tokenizer.fingerprint:
+            raise RunError(f"data.tokens={data.tokens} was encoded with another tokenizer than {train.init_from}'s: "
+                           f"prepare it with data.tokenizer={path}")
+        return Run("finetune", out_dir, finetune_config(loaded, tables), train, data, tokenizer, source_dir, text)
     tokenizer = make_tokenizer(data, text)
     return Run("fresh", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer, None,
                text)

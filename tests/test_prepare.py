@@ -155,3 +155,23 @@ def test_a_long_document_is_encoded_in_pieces_as_a_whole(tok, tmp_path):
     (tmp_path / "long.txt").write_text(doc)
     prepare(str(tmp_path / "long.txt"), tok, tmp_path / "ds", num_proc=2, val_fraction=0.0, batch_bytes=3000)
     assert split_tokens(tmp_path / "ds", "train").tolist() == tok.encode(doc) + [tok.eos_id]
+
+
+def test_fine_tuning_on_a_dataset_needs_the_models_tokenizer(inputs, tmp_path, capsys):
+    """A dataset encoded with the source model's tokenizer.json fine-tunes it;
+    one encoded with another tokenizer is one line naming the way out."""
+    corpus = inputs["many"][0]
+    base = ["--config", "debug", "model.vocab_size=auto", "train.max_steps=2", "train.eval_interval=2",
+            "train.eval_batches=1", "train.sample_tokens=0"]
+    assert jtrain.main([*base, f"data.corpus={SHAKESPEARE}", f"train.out_dir={tmp_path / 'src'}"]) == 0
+    own = tmp_path / "src" / "model" / "tokenizer.json"
+    for name, tokenizer in (("own", str(own)), ("other", "bpe")):
+        assert jprepare.main([f"data.corpus={corpus}", f"data.tokenizer={tokenizer}", "data.bpe_vocab_size=300",
+                              "data.val_fraction=0.1", "data.num_proc=1", "--out", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    tune = [*base, f"train.init_from={tmp_path / 'src'}"]
+    assert jtrain.main([*tune, f"data.tokens={tmp_path / 'own'}", f"train.out_dir={tmp_path / 'tuned'}"]) == 0
+    assert jtrain.main([*tune, f"data.tokens={tmp_path / 'other'}", f"train.out_dir={tmp_path / 'bad'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data.tokens=") and f"data.tokenizer={own}" in err[-1], err
+    assert not (tmp_path / "bad").exists()
