@@ -104,7 +104,8 @@ def _download(url: str, fetch: Fetch | None, offline: str = OFFLINE_CORPUS) -> b
         raise DataError(f"could not download {url}: {e} ({offline})") from None
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read a MiB at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -116,7 +117,7 @@ def download_tiny_shakespeare(cache_dir: str | Path, fetch: Fetch | None = None)
     """Path of Karpathy's tiny Shakespeare (1,115,394 characters) in
     `cache_dir`, downloaded unless a cached copy has the right sha256."""
     path = Path(cache_dir).expanduser() / "tinyshakespeare.txt"
-    if path.is_file() and _sha256_file(path) == TINY_SHAKESPEARE_SHA256:
+    if path.is_file() and sha256_file(path) == TINY_SHAKESPEARE_SHA256:
         return path
     data = _download(TINY_SHAKESPEARE_URL, fetch)
     got = hashlib.sha256(data).hexdigest()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptcore.corpus import sha256_file
 from gptcore.data import DataError, _chunks
 from gptcore.errors import check_regular_file, write_atomic
 from gptcore.tokenizer import Tokenizer
@@ -294,21 +295,13 @@ def read_manifest(directory: str | Path, verify: bool = False, quiet: bool = Fal
                 if path.stat().st_size != shard["tokens"] * itemsize:
                     raise ValueError(f"{shard['file']} has {path.stat().st_size} bytes, the manifest says "
                                      f"{shard['tokens'] * itemsize}")
-                if verify and _sha256(path) != shard["sha256"]:
+                if verify and sha256_file(path) != shard["sha256"]:
                     raise ValueError(f"{shard['file']}: its checksum does not match the manifest")
     except (OSError, ValueError, KeyError, TypeError) as e:
         if quiet:
             return None
         raise DataError(f"{directory}: not a usable token dataset ({e}); prepare it again") from None
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardedTokens:

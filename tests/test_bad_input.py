@@ -275,10 +275,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_cli_bad_input(name, user, capsys):
-    main, make_argv, needle = CASES[name]
-    out = user.root / "out" / name
+def run_case(case: tuple, user: User, out: Path, capsys) -> int:
+    """One (main, argv builder, needle) case: one error line naming the
+    cause, every file of the user's unchanged, no half-made run; the exit status."""
+    main, make_argv, needle = case
     argv = [str(a) for a in make_argv(user, out)]  # builds any broken copy first
     before = snapshot(user.root)
     capsys.readouterr()
@@ -292,6 +292,12 @@ def test_cli_bad_input(name, user, capsys):
     new = [k for k in after if k not in before]
     assert not any(k.endswith(("config.json", "metrics.jsonl")) for k in new), new  # no half-made run left
     assert not any("checkpoints" in k for k in new), new
+    return code
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cli_bad_input(name, user, capsys):
+    run_case(CASES[name], user, user.root / "out" / name, capsys)
 
 
 def test_unreachable_coordinator_is_one_line_within_its_timeout(user):

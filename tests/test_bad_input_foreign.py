@@ -19,7 +19,7 @@ import pytest
 import safetensors.numpy
 import test_bad_input
 import torch
-from test_bad_input import User, assert_one_line_error, snapshot, train_args
+from test_bad_input import User, run_case, train_args
 
 import jaxgpt.convert as convert
 import jaxgpt.generate as jgen
@@ -219,22 +219,7 @@ def more(user):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input(name, more, capsys):
-    u = more
-    main, make_argv, needle = CASES[name]
-    out = u.root / "out2" / name
-    argv = [str(a) for a in make_argv(u, out)]  # builds any broken copy first
-    before = snapshot(u.root)
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    assert_one_line_error(code, capsys.readouterr().err, needle)
-    assert code == 2
-    after = snapshot(u.root)
-    assert {k: v for k, v in after.items() if k in before} == before  # nothing overwritten or deleted
-    new = [k for k in after if k not in before]
-    assert not any(k.endswith(("config.json", "metrics.jsonl")) or "checkpoints" in k for k in new), new
+    assert run_case(CASES[name], more, more.root / "out2" / name, capsys) == 2
 
 
 def test_a_tiny_temperature_samples_the_argmax_in_both_twins(user, capsys):

@@ -163,7 +163,7 @@ def read(directory: str | Path) -> Checkpoint:
     kept = {"config.json": hf}
     for name in HF_SIDE_FILES:  # regular files of the directory that parse, as the tokenizer
         path = directory / name
-        if path.is_file() and not path.is_symlink() or path.is_symlink() and _inside(path, directory):
+        if path.is_file() and (not path.is_symlink() or _inside(path, directory)):
             try:
                 kept[name] = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
