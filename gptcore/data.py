@@ -1,8 +1,7 @@
-"""The data pipeline shared by both trainers, in numpy only.
+"""The batches both trainers draw from a token stream, in numpy only.
 
-    text   = corpus_from_spec("shakespeare", cache_dir)       # gptcore.corpus
-    meta   = prepare_tokens(text, tokenizer, out_dir)         # train.bin / val.bin, once
-    tokens = load_tokens(out_dir, "train")                    # np.memmap (N,)
+    prepare(spec, tokenizer, out_dir)                         # gptcore.prepare: a token dataset, once
+    tokens = ShardedTokens(out_dir, "train")                  # its memory-mapped train split (N,)
     x, y   = RandomWindows(tokens, T, B, seed).batch(step)    # int32 (B, T) each
 
 Every sampler is a pure function of (seed, step), so a resumed run draws exactly
@@ -11,140 +10,17 @@ the batches it would have drawn without the interruption.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
-import os
-import re
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import BinaryIO
+from collections.abc import Sequence
 
 import numpy as np
 
-from gptcore.errors import UserError, write_atomic
-from gptcore.tokenizer import Tokenizer
+from gptcore.errors import UserError
 
-SPLITS = ("train", "val")
 IGNORE_INDEX = -1  # target id at padded positions; the loss skips them
-_CHUNK_CHARS = 1 << 16  # characters per encode call: bounds the Python int lists
-_CHUNKS_PER_BATCH = 16  # chunks per encode_batch call (HF encodes them in parallel)
 
 
 class DataError(UserError):
     """A corpus, token file or sampler request that cannot work. One line."""
-
-
-# -- token files ------------------------------------------------------------------
-def prepare_tokens(text: str, tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float = 0.1,
-                   *, chunk_chars: int = _CHUNK_CHARS) -> dict:
-    """Encode `text` once into out_dir/train.bin and val.bin (flat uint16, or
-    uint32 for vocabularies of 65536 or more) and out_dir/meta.json; returns the
-    meta dict. val.bin holds the last `val_fraction` of the token stream
-    (rounded down), as in nanoGPT. Files whose meta matches this text, tokenizer
-    and val_fraction are reused; anything else is rebuilt.
-
-    The text is encoded in chunks of about `chunk_chars` characters, cut only
-    after a "\\n" that has a non-space on both sides: byte-level BPE never
-    merges across such a cut, so the stream equals `tokenizer.encode(text)`."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if not text:
-        raise DataError("cannot prepare tokens from an empty corpus")
-    out = Path(out_dir)
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32)
-    identity = {
-        "corpus_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "tokenizer_sha256": tokenizer.fingerprint,
-        "tokenizer_kind": tokenizer.kind,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype.name,
-        "val_fraction": val_fraction,
-    }
-    meta = _read_meta(out)
-    if meta is not None and all(meta.get(k) == v for k, v in identity.items()) and _files_match(out, meta):
-        return meta
-
-    tokenizer.check(text, what="corpus")  # one error in corpus coordinates, before any work
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # a half-rebuilt directory must never look current
-    tmp = out / ".tokens.tmp"
-    chunks = _chunks(text, chunk_chars)
-    with open(tmp, "wb") as f:
-        n = _write_ids(f, [tokenizer.encode(next(chunks))], dtype)
-        while batch := list(itertools.islice(chunks, _CHUNKS_PER_BATCH)):
-            n += _write_ids(f, tokenizer.encode_batch(batch, start=False), dtype)
-
-    n_val = int(n * val_fraction)
-    n_train = n - n_val
-    stream = np.memmap(tmp, dtype=dtype, mode="r", shape=(n,))
-    val_tmp = out / ".val.tmp"
-    stream[n_train:].tofile(val_tmp)
-    del stream
-    os.truncate(tmp, n_train * dtype.itemsize)  # the head of the stream is train.bin as it stands
-    os.replace(tmp, out / "train.bin")
-    os.replace(val_tmp, out / "val.bin")
-    meta = {**identity, "train_tokens": n_train, "val_tokens": n_val, "corpus_chars": len(text)}
-    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
-    return meta
-
-
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
-
-
-def _chunks(text: str, chunk_chars: int) -> Iterator[str]:
-    """Consecutive pieces of `text`, each at least `chunk_chars` long (but the
-    last), cut only at `_SAFE_CUT`; yields at least one piece."""
-    begin = 0
-    while True:
-        cut = _SAFE_CUT.search(text, begin + chunk_chars) if begin + chunk_chars < len(text) else None
-        end = cut.start() if cut else len(text)
-        yield text[begin:end]
-        if end == len(text):
-            return
-        begin = end
-
-
-def _write_ids(f: BinaryIO, ids_lists: Sequence[list[int]], dtype: np.dtype) -> int:
-    count = 0
-    for ids in ids_lists:
-        np.asarray(ids, dtype=dtype).tofile(f)
-        count += len(ids)
-    return count
-
-
-def _read_meta(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _files_match(out: Path, meta: dict) -> bool:
-    try:
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        sizes = {split: meta[f"{split}_tokens"] * itemsize for split in SPLITS}
-    except (KeyError, TypeError):  # a meta.json from elsewhere
-        return False
-    return all((out / f"{split}.bin").is_file() and (out / f"{split}.bin").stat().st_size == size
-               for split, size in sizes.items())
-
-
-def load_tokens(out_dir: str | Path, split: str) -> np.ndarray:
-    """The `split` ("train" or "val") token stream written by prepare_tokens:
-    a read-only np.memmap (N,), or an empty array when the split has no tokens."""
-    if split not in SPLITS:
-        raise DataError(f"split must be 'train' or 'val', got {split!r}")
-    out = Path(out_dir)
-    meta = _read_meta(out)
-    if meta is None:
-        raise DataError(f"no meta.json in {out}: run prepare_tokens first")
-    if not _files_match(out, meta):
-        raise DataError(f"token files in {out} do not match meta.json: run prepare_tokens again")
-    count = meta[f"{split}_tokens"]
-    if count == 0:  # numpy cannot map an empty file
-        return np.zeros(0, dtype=meta["dtype"])
-    return np.memmap(out / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(count,))
 
 
 # -- batch samplers ---------------------------------------------------------------

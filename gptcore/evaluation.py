@@ -2,9 +2,9 @@
 perplexity and bits per byte on a text, framework-free; each twin supplies
 how to load a model directory and the summed nll of a batch.
 
-The text (data.corpus, as in training) is encoded by gptcore.data exactly as
-a training run encodes it, so `--split val` is the run's own validation
-tokens. Every token after the first is predicted once: windows of
+The text (data.corpus, as in training) is prepared by gptcore.prepare exactly
+as a training run prepares it, so `--split val` is the run's own validation
+tokens; data.tokens=DIR evaluates a prepared token dataset. Every token after the first is predicted once: windows of
 context_length start at 0, T, 2T, ... (a window's first predictions see
 little context, as in training's evaluation). bits per byte = the summed
 nll in bits / the UTF-8 bytes of the evaluated tokens' text.
@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from gptcore.cli import Parser, guarded
-from gptcore.corpus import corpus_from_spec
-from gptcore.data import load_tokens, prepare_tokens
 from gptcore.errors import UserError
 from gptcore.model_dir import load_with_tokenizer
+from gptcore.prepare import ShardedTokens, prepare
 from gptcore.presets import apply_override, build_section
 
 # (model directory) -> (model config, whatever nll_sum takes as its model, tokenizer.json path or None)
@@ -80,11 +79,14 @@ def evaluate_text(args: argparse.Namespace, load: Loader, nll_sum: NllSum) -> di
         apply_override(tables, text)
     data = build_section("data", tables.get("data", {}), "command line")
     cfg, model, tokenizer = load_with_tokenizer(load, args.checkpoint)
-    text = corpus_from_spec(data.corpus, Path(data.cache_dir).expanduser())
     with tempfile.TemporaryDirectory() as tmp:
-        prepare_tokens(text, tokenizer, tmp, data.val_fraction)
-        parts = [np.array(load_tokens(tmp, split)) for split in ("train", "val") if args.split in (split, "all")]
-    tokens = np.concatenate(parts)[:args.max_tokens]
+        directory = Path(data.tokens).expanduser() if data.tokens else Path(tmp)
+        if not data.tokens:
+            prepare(data.corpus, tokenizer, directory, text_field=data.text_field, cache_dir=data.cache_dir,
+                    val_fraction=data.val_fraction, val_split=data.val_split, num_proc=data.num_proc or None)
+        parts = [ShardedTokens(directory, split) for split in ("train", "val") if args.split in (split, "all")]
+        tokens = np.concatenate([p[np.arange(min(len(p), args.max_tokens or len(p)))] for p in parts])
+    tokens = tokens[:args.max_tokens]
     if len(tokens) < 2:
         raise EvalError(f"the {args.split} split of {data.corpus} has {len(tokens)} tokens: nothing to predict")
     T = cfg.context_length

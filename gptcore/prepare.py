@@ -1,29 +1,35 @@
-"""Token datasets of any size: documents streamed from text, jsonl, parquet or
-Hugging Face `datasets`, encoded in worker processes with bounded memory,
-written as shards with a manifest.
-
-    python -m jaxgpt.prepare data.corpus=SPEC [data.tokenizer=PATH/tokenizer.json] --out DIR
+"""Token datasets of any size: a corpus's documents (gptcore.documents)
+encoded in worker processes with bounded memory, written as shards with a
+manifest. Training reads them through ShardedTokens; data.corpus runs
+prepare one into OUT_DIR/data, `python -m jaxgpt.prepare` anywhere.
 
 DIR/
-    manifest.json     what defines the dataset (source, tokenizer sha256, settings), and per split the shards
-                      (file, tokens, sha256) and the number of documents
+    manifest.json     what defines the dataset (source, tokenizer sha256, settings), every file (tokens,
+                      sha256), and per split its slices of the files and its documents
     tokenizer.json    the tokenizer the ids belong to
-    train-00000.bin   flat uint16 (vocabularies below 65536) or uint32 ids, documents separated by the
-    val-00000.bin     tokenizer's eos (or the declared separator id)
+    tokens-00000.bin  flat uint16 (vocabularies up to 65536) or uint32 ids, each document followed by the
+    ...               tokenizer's eos (or "\\n" for a char tokenizer without one)
 
-Documents go to val by their index (every round(1 / val_fraction)-th), so
-the split is by documents, stated in the manifest. Memory stays bounded:
-documents are read lazily, at most 2 x num_proc batches are in flight, and
-a shard is written as its batches arrive.
+The validation split (data.val_split) is either the last val_fraction of the
+token stream ("tail", nanoGPT's rule: a one-document corpus splits too), or
+every round(1 / val_fraction)-th document ("documents", in train-*.bin and
+val-*.bin files). Memory stays bounded: documents are read lazily and cut
+into pieces of about batch_bytes, at most 2 x num_proc batches are in
+flight, and files are written as batches arrive.
+
+A file is closed after the batch that fills it past shard_tokens, and the
+work done so far is saved then (.progress.json): a killed prepare resumes
+after its last complete file (each one checked against its sha256), and
+writes what an uninterrupted one writes.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,98 +37,25 @@ from pathlib import Path
 import numpy as np
 
 from gptcore.corpus import sha256_file
-from gptcore.data import DataError, _chunks
-from gptcore.errors import check_regular_file, write_atomic
+from gptcore.data import DataError
+from gptcore.documents import documents, known_size, source_stamp
+from gptcore.errors import write_atomic
 from gptcore.tokenizer import Tokenizer
+from gptcore.train_config import VAL_SPLITS
 
 MANIFEST = "manifest.json"
-FORMAT = "jaxgpt-tokens-1"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+PROGRESS = ".progress.json"
+FORMAT = "jaxgpt-tokens-2"
+_VAL_RULES = {"tail": "the last int(val_fraction * tokens) tokens of the stream",
+              "documents": "document i (from 0) is val when (i + 1) % round(1 / val_fraction) == 0"}
 
 
-# -- documents ------------------------------------------------------------------------
-def source_files(spec: str) -> list[Path]:
-    """The files a corpus spec names: one file, or every text / jsonl / parquet file under a directory (sorted)."""
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise DataError(f"corpus path does not exist: {path}")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
-        if not files:
-            raise DataError(f"no {', '.join(TEXT_SUFFIXES)} files under {path}")
-        return files
-    return [check_regular_file(path, "corpus file")]
-
-
-def documents(spec: str, text_field: str = "text") -> Iterator[str]:
-    """Every document of the corpus, lazily: a .txt file is one document, a
-    jsonl line or a parquet row one each (its `text_field`), an
-    `hf:NAME[:CONFIG][:SPLIT]` spec a streamed Hugging Face dataset's rows."""
-    if spec.startswith("hf:"):
-        yield from _hf_documents(spec, text_field)
-        return
-    for path in source_files(spec):
-        name = path.name
-        if name.endswith(".txt"):
-            yield _utf8(path.read_bytes(), str(path))
-        elif name.endswith((".jsonl", ".jsonl.gz")):
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rb") as f:
-                for line_no, line in enumerate(f, 1):
-                    if line.strip():
-                        yield _field(_json_line(line, path, line_no), text_field, f"{path}:{line_no}")
-        else:
-            yield from _parquet_documents(path, text_field)
-
-
-def _utf8(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
-
-
-def _json_line(line: bytes, path: Path, line_no: int) -> dict:
-    try:
-        record = json.loads(_utf8(line, f"{path}:{line_no}"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{line_no}: not a JSON record ({e.msg})") from None
-    return record
-
-
-def _field(record, text_field: str, where: str) -> str:
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        raise DataError(f"{where}: no text field {text_field!r} (set data.text_field)")
-    return record[text_field]
-
-
-def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    file = pq.ParquetFile(path)
-    if text_field not in file.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_field!r} (set data.text_field)")
-    row = 0
-    for batch in file.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if not isinstance(text, str):
-                raise DataError(f"{path}: row {row}: {text_field!r} is {type(text).__name__}, not text")
-            yield text
-
-
-def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
-    """hf:NAME[:CONFIG][:SPLIT] (default split train), streamed: nothing is downloaded whole."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("data.corpus=hf:... needs the datasets package (pip install datasets)") from None
-    name, config, split = (spec[3:].split(":") + [None, None])[:3]
-    rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-    for i, row in enumerate(rows):
-        yield _field(row, text_field, f"{spec} row {i}")
+def separator_id(tokenizer: Tokenizer) -> int:
+    """The id written after each document: the tokenizer's eos, else "\\n"'s."""
+    sep = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.token_to_id("\n")
+    if sep is None:
+        raise DataError("the tokenizer has no eos token (nor '\\n') to separate documents with")
+    return sep
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -146,20 +79,57 @@ def _encode(batch: list[Piece]) -> list[np.ndarray]:
     tok, sep = _WORKER["tokenizer"], _WORKER["separator"]
     out = []
     for text, first, last in batch:
-        ids = tok.encode(text, start=first) if text else []
+        ids = tok.encode(text, start=first, what="a document") if text else []
         out.append(np.asarray(ids + [sep] if last else ids, dtype=np.int64))
     return out
 
 
+class _Inline:
+    """The pool's interface in this process (one worker, or a small corpus: no process to start)."""
+
+    def __init__(self, tokenizer: Tokenizer, separator: int):
+        _WORKER.update(tokenizer=tokenizer, separator=separator)
+
+    def apply_async(self, fn, args):
+        result = fn(*args)
+        return type("Done", (), {"get": lambda self: result})()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _WORKER.clear()
+
+
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def _cuts(text: str, chunk_chars: int) -> Iterator[str]:
+    """Consecutive pieces of `text`, each at least `chunk_chars` long (but the
+    last), cut only after a "\n" with a non-space on both sides (_SAFE_CUT):
+    byte-level BPE never merges across such a cut, so the pieces' ids joined
+    are the ids of the whole text. Yields at least one piece."""
+    begin = 0
+    while True:
+        cut = _SAFE_CUT.search(text, begin + chunk_chars) if begin + chunk_chars < len(text) else None
+        end = cut.start() if cut else len(text)
+        yield text[begin:end]
+        if end == len(text):
+            return
+        begin = end
+
+
+
+
 def _batches(docs: Iterator[str], batch_bytes: int) -> Iterator[list[Piece]]:
     """Documents as pieces of about batch_bytes at most (cut where byte-level
-    BPE never merges across, gptcore.data._chunks, so a document's ids are
+    BPE never merges across, _cuts, so a document's ids are
     those of its whole text), grouped into batches of about batch_bytes:
     a worker holds one batch's encodings, never a whole large document's."""
     batch: list[Piece] = []
     size = 0
     for doc in docs:
-        pieces = list(_chunks(doc, batch_bytes)) if len(doc) > batch_bytes else [doc]
+        pieces = list(_cuts(doc, batch_bytes)) if len(doc) > batch_bytes else [doc]
         for i, piece in enumerate(pieces):
             batch.append((piece, i == 0, i == len(pieces) - 1))
             size += len(piece)
@@ -170,133 +140,201 @@ def _batches(docs: Iterator[str], batch_bytes: int) -> Iterator[list[Piece]]:
         yield batch
 
 
-class _ShardWriter:
-    """One split's shards: ids appended as they come, a new file every shard_tokens."""
+class _FileWriter:
+    """One stream's files (tokens, train or val): ids appended as they come, a
+    file per round (NAME-ROUND.bin), written under a temporary name until closed."""
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.out, self.split, self.dtype, self.limit = out, split, dtype, shard_tokens
-        self.shards: list[dict] = []
-        self.documents = 0
+    def __init__(self, out: Path, name: str, dtype: np.dtype):
+        self.out, self.name, self.dtype = out, name, dtype
         self.f = self.hash = None
         self.count = 0
 
-    def add(self, ids: np.ndarray, ends_document: bool = True) -> None:
-        self.documents += ends_document
-        ids = ids.astype(self.dtype)
-        while len(ids):
-            if self.f is None:
-                self.name = f"{self.split}-{len(self.shards):05d}.bin"
-                self.f, self.hash, self.count = open(self.out / f".{self.name}.tmp", "wb"), hashlib.sha256(), 0
-            take = ids[:self.limit - self.count]
-            data = take.tobytes()
-            self.f.write(data)
-            self.hash.update(data)
-            self.count += len(take)
-            ids = ids[len(take):]
-            if self.count == self.limit:
-                self.close()
+    def add(self, ids: np.ndarray, round_no: int) -> None:
+        if self.f is None:
+            self.file = f"{self.name}-{round_no:05d}.bin"
+            self.f, self.hash, self.count = open(self.out / f".{self.file}.tmp", "wb"), hashlib.sha256(), 0
+        data = ids.astype(self.dtype).tobytes()
+        self.f.write(data)
+        self.hash.update(data)
+        self.count += len(ids)
 
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            os.replace(self.out / f".{self.name}.tmp", self.out / self.name)
-            self.shards.append({"file": self.name, "tokens": self.count, "sha256": self.hash.hexdigest()})
-            self.f = None
+    def close(self) -> dict | None:
+        """The finished file's manifest entry (None when nothing was written this round)."""
+        if self.f is None:
+            return None
+        self.f.close()
+        os.replace(self.out / f".{self.file}.tmp", self.out / self.file)
+        self.f, count, self.count = None, self.count, 0
+        return {"file": self.file, "tokens": count, "sha256": self.hash.hexdigest()}
+
+
+class _Progress:
+    """What is done: the files of the finished rounds, how many batches they
+    hold, and the documents seen. Saved after each round; a rerun with the same
+    identity takes it up after checking each file's sha256."""
+
+    def __init__(self, out: Path, identity: dict):
+        self.path, self.identity = out / PROGRESS, identity
+        self.files: list[dict] = []
+        self.rounds: list[dict] = []
+        self.batches = self.index = 0
+        self.documents = {"train": 0, "val": 0}
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            rounds = saved["rounds"] if saved.get("identity") == identity else []
+        except (OSError, ValueError, KeyError, TypeError):
+            rounds = []
+        for entry in rounds:  # take up the rounds whose files are intact
+            if not all((out / f["file"]).is_file() and sha256_file(out / f["file"]) == f["sha256"]
+                       for f in entry["files"]):
+                break
+            self.files += entry["files"]
+            self.rounds.append(entry)
+            self.batches, self.index, self.documents = entry["batches"], entry["index"], entry["documents"]
+
+    def end_round(self, files: list[dict]) -> None:
+        self.files += files
+        self.rounds.append({"files": files, "batches": self.batches, "index": self.index,
+                            "documents": dict(self.documents)})
+        write_atomic(self.path, json.dumps({"identity": self.identity, "rounds": self.rounds}) + "\n")
+
+    @property
+    def round_no(self) -> int:
+        return len(self.rounds)
 
 
 def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field: str = "text",
-            val_fraction: float = 0.01, num_proc: int | None = None, shard_tokens: int = 100_000_000,
-            batch_bytes: int = 1 << 20, progress: bool = False) -> dict:
+            cache_dir: str | Path = "~/.cache/jaxgpt", val_fraction: float = 0.1, val_split: str = "tail",
+            num_proc: int | None = None, shard_tokens: int = 100_000_000, batch_bytes: int = 1 << 20,
+            progress: bool = False) -> dict:
     """Encode the corpus `spec` into out_dir (see the module docstring);
     returns the manifest. A directory whose manifest says the same source,
-    tokenizer and settings, with every shard's checksum right, is reused."""
+    tokenizer and settings, with every file's checksum right, is reused."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    separator = tokenizer.eos_id
-    if separator is None:
-        separator = tokenizer.token_to_id("\n")
-    if separator is None:
-        raise DataError("the tokenizer has no eos token (nor '\\n') to separate documents with")
+    if val_split not in VAL_SPLITS:
+        raise DataError(f"val_split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
+    separator = separator_id(tokenizer)
     out = Path(out_dir)
-    identity = {"format": FORMAT, "source": spec, "source_files": _source_stamp(spec), "text_field": text_field,
+    identity = {"format": FORMAT, "source": spec, "source_files": source_stamp(spec), "text_field": text_field,
                 "tokenizer_sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                "separator": separator, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
-                "val_rule": "document i is val when val_fraction > 0 and (i + 1) % round(1 / val_fraction) == 0"}
+                "separator": separator, "val_fraction": val_fraction, "val_split": val_split,
+                "val_rule": _VAL_RULES[val_split], "shard_tokens": shard_tokens, "batch_bytes": batch_bytes}
     done = read_manifest(out, verify=True, quiet=True)
     if done is not None and {k: done.get(k) for k in identity} == identity:
         return done
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a half-rebuilt directory must never look current
+    for stale in out.glob(".*.bin.tmp"):  # a killed run's unfinished file
+        stale.unlink()
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
-    every = round(1 / val_fraction) if val_fraction > 0 else 0
+    done = _Progress(out, identity)
+    streams = ("train", "val") if val_split == "documents" else ("tokens",)
+    writers = {name: _FileWriter(out, name, dtype) for name in streams}
+    every = round(1 / val_fraction) if val_split == "documents" and val_fraction > 0 else 0
     num_proc = num_proc or os.cpu_count() or 1
-    bar = _progress(progress)
-    index = 0
-    with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker,
-                                                   (tokenizer.hf.to_str(), separator)) as pool:
+    size = known_size(spec)
+    small = size is not None and size <= 4 * batch_bytes
+    bar = _progress_bar(progress, size)
+
+    def write(ids_batch, batch) -> None:
+        for ids, (text, _, last) in zip(ids_batch, batch):
+            split = "val" if every and (done.index + 1) % every == 0 else "train"
+            writers[split if every else "tokens"].add(ids, done.round_no)
+            done.documents[split] += last
+            done.index += last
+        done.batches += 1
+        if writers[streams[0]].count >= shard_tokens:
+            done.end_round([f for f in (w.close() for w in writers.values()) if f])
+        if bar is not None:
+            bar.update(sum(len(text) for text, _, _ in batch))
+
+    pool = (_Inline(tokenizer, separator) if num_proc == 1 or small else
+            multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer.hf.to_str(), separator)))
+    with pool:
         pending: deque = deque()
-        for batch in _batches(documents(spec, text_field), batch_bytes):
+        for i, batch in enumerate(_batches(documents(spec, text_field, cache_dir), batch_bytes)):
+            if i < done.batches:  # in a file a killed run finished
+                continue
             pending.append((pool.apply_async(_encode, (batch,)), batch))
             while len(pending) > 2 * num_proc:
-                index = _drain(pending.popleft(), writers, every, index, bar)
+                result, batch = pending.popleft()
+                write(result.get(), batch)
         while pending:
-            index = _drain(pending.popleft(), writers, every, index, bar)
-    for w in writers.values():
-        w.close()
-    if writers["train"].documents == 0 or not writers["train"].shards:
-        raise DataError(f"the corpus {spec} has no documents")
-    tokenizer.save(out / "tokenizer.json")
-    manifest = {**identity, "dtype": dtype.name,
-                "splits": {s: {"documents": w.documents, "shards": w.shards} for s, w in writers.items()}}
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            result, batch = pending.popleft()
+            write(result.get(), batch)
+    done.files += [f for f in (w.close() for w in writers.values()) if f]
     if bar is not None:
         bar.close()
+    if sum(f["tokens"] for f in done.files) == done.index:  # nothing but separators
+        raise DataError(f"the corpus {spec} is empty ({done.index} documents, no text)")
+    tokenizer.save(out / "tokenizer.json")
+    manifest = {**identity, "dtype": dtype.name, "documents": done.index, "files": done.files,
+                "splits": _splits(done, val_split, val_fraction)}
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    done.path.unlink(missing_ok=True)
+    kept = {f["file"] for f in done.files}
+    for name in ("tokens", "train", "val"):  # files of an earlier, different dataset in this directory
+        for orphan in out.glob(f"{name}-[0-9][0-9][0-9][0-9][0-9].bin"):
+            if orphan.name not in kept:
+                orphan.unlink()
     return manifest
 
 
-def _drain(item, writers: dict, every: int, index: int, bar) -> int:
-    """Write a finished batch's ids; index counts whole documents (val: every `every`-th)."""
-    result, batch = item
-    for ids, (text, _, last) in zip(result.get(), batch):
-        split = "val" if every and (index + 1) % every == 0 else "train"
-        writers[split].add(ids, last)
-        index += last
-    if bar is not None:
-        bar.update(sum(len(text) for text, _, _ in batch))
-    return index
+def _splits(done: _Progress, val_split: str, val_fraction: float) -> dict:
+    """Each split's slices of the files ({"file", "offset", "tokens"}), tokens and documents."""
+    if val_split == "documents":
+        return {s: {"documents": done.documents[s], "tokens": sum(f["tokens"] for f in done.files
+                                                                   if f["file"].startswith(s)),
+                    "shards": [{"file": f["file"], "offset": 0, "tokens": f["tokens"]}
+                               for f in done.files if f["file"].startswith(s)]}
+                for s in ("train", "val")}
+    total = sum(f["tokens"] for f in done.files)
+    n_train = total - int(total * val_fraction)
+    splits = {s: {"documents": None, "tokens": 0, "shards": []} for s in ("train", "val")}
+    at = 0  # the stream position of the file's first token
+    for f in done.files:
+        for s, lo, hi in (("train", 0, n_train), ("val", n_train, total)):
+            begin, end = max(lo, at), min(hi, at + f["tokens"])
+            if begin < end:
+                splits[s]["shards"].append({"file": f["file"], "offset": begin - at, "tokens": end - begin})
+                splits[s]["tokens"] += end - begin
+        at += f["tokens"]
+    return splits
 
 
-def _progress(enabled: bool):
+def _progress_bar(enabled: bool, size: int | None):
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(unit="char", unit_scale=True, desc="encoding")
-
-
-def _source_stamp(spec: str) -> list | str:
-    """What identifies the source's content cheaply: (file, size, mtime) of each file; the spec for hf: ones."""
-    if spec.startswith("hf:"):
-        return spec
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in source_files(spec)]
+    return tqdm(total=size or None, unit="B", unit_scale=True, desc="encoding (characters)")
 
 
 def read_manifest(directory: str | Path, verify: bool = False, quiet: bool = False) -> dict | None:
-    """The manifest of a token dataset; with verify, each shard's size and
-    sha256 checked. A missing or broken one: None when quiet, else DataError."""
+    """The manifest of a token dataset; with verify, each file's sha256
+    checked (its size always). A missing or broken one: None when quiet,
+    else a DataError saying to prepare it again (nothing is deleted)."""
     directory = Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}")
+            raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
         itemsize = np.dtype(manifest["dtype"]).itemsize
+        sizes = {}
+        for f in manifest["files"]:
+            path = directory / f["file"]
+            sizes[f["file"]] = f["tokens"]
+            if path.stat().st_size != f["tokens"] * itemsize:
+                raise ValueError(f"{f['file']} has {path.stat().st_size} bytes, the manifest says "
+                                 f"{f['tokens'] * itemsize}")
+            if verify and sha256_file(path) != f["sha256"]:
+                raise ValueError(f"{f['file']}: its checksum does not match the manifest")
         for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                path = directory / shard["file"]
-                if path.stat().st_size != shard["tokens"] * itemsize:
-                    raise ValueError(f"{shard['file']} has {path.stat().st_size} bytes, the manifest says "
-                                     f"{shard['tokens'] * itemsize}")
-                if verify and sha256_file(path) != shard["sha256"]:
-                    raise ValueError(f"{shard['file']}: its checksum does not match the manifest")
+            for s in split["shards"]:
+                if not 0 <= s["offset"] <= s["offset"] + s["tokens"] <= sizes[s["file"]]:
+                    raise ValueError(f"a slice of {s['file']} lies outside it")
     except (OSError, ValueError, KeyError, TypeError) as e:
         if quiet:
             return None
@@ -305,18 +343,18 @@ def read_manifest(directory: str | Path, verify: bool = False, quiet: bool = Fal
 
 
 class ShardedTokens:
-    """A split's shards as one 1-D token sequence (memory-mapped, nothing
-    read until indexed): len() and integer-array indexing, which is what the
-    window samplers use."""
+    """A split's slices of the files as one 1-D token sequence (memory-mapped,
+    nothing read until indexed): len() and integer-array indexing, which is
+    what the window samplers use."""
 
     def __init__(self, directory: str | Path, split: str):
         directory = Path(directory)
         manifest = read_manifest(directory)
-        shards = manifest["splits"][split]["shards"]
         self.dtype = np.dtype(manifest["dtype"])
-        self.maps = [np.memmap(directory / s["file"], dtype=self.dtype, mode="r", shape=(s["tokens"],))
-                     for s in shards if s["tokens"]]
-        self.offsets = np.cumsum([0] + [len(m) for m in self.maps])  # (n_shards + 1,)
+        self.maps = [np.memmap(directory / s["file"], dtype=self.dtype, mode="r",
+                               offset=s["offset"] * self.dtype.itemsize, shape=(s["tokens"],))
+                     for s in manifest["splits"][split]["shards"] if s["tokens"]]
+        self.offsets = np.cumsum([0] + [len(m) for m in self.maps])  # (n_slices + 1,)
         self.ndim, self.lazy_tokens = 1, True
 
     def __len__(self) -> int:
@@ -328,7 +366,7 @@ class ShardedTokens:
 
     def __getitem__(self, index) -> np.ndarray:
         index = np.asarray(index)
-        shard = np.searchsorted(self.offsets, index, side="right") - 1  # which shard holds each position
+        shard = np.searchsorted(self.offsets, index, side="right") - 1  # which slice holds each position
         out = np.empty(index.shape, self.dtype)
         for s in np.unique(shard):
             where = shard == s

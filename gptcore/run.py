@@ -4,11 +4,12 @@
     run  = resolve(args.config, args.overrides, args.resume)   # Run: what to train, from what, into where
 
 `resolve` reads the preset (or, with --resume, the run's saved config.json)
-and the overrides, checks the output directory, reads the corpus and settles
-the tokenizer and the model config:
+and the overrides, checks the output directory and settles the tokenizer
+and the model config:
 
     mode       tokenizer                                 model config
-    fresh      trained on the corpus (data.tokenizer)    [model] with vocab_size from the tokenizer
+    fresh      data.tokenizer (char / bpe: trained on    [model] with vocab_size from the tokenizer
+               the corpus as it streams by)
     resume     OUT_DIR/tokenizer.json                    the saved config.json's
     finetune   the source model directory's              the source's, [model] dropout rates on top
 
@@ -22,13 +23,16 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from gptcore.budget import check_fits
 from gptcore.cli import Parser
 from gptcore.config import ConfigError, ModelConfig
-from gptcore.corpus import corpus_from_spec, download_gpt2_tokenizer
+from gptcore.corpus import download_gpt2_tokenizer
+from gptcore.data import DataError
+from gptcore.documents import documents, source_sha256, source_stamp
 from gptcore.errors import RunError
 from gptcore.lock import LOCK_FILE
 from gptcore.loggers import check_loggers
@@ -69,7 +73,6 @@ class Run:
     data: DataConfig
     tokenizer: Tokenizer
     init_from: Path | None  # finetune: the model directory whose weights the run starts from
-    corpus: str = field(repr=False)  # the corpus text (data.corpus), read once
 
     def to_dict(self) -> dict:
         """config.json of the run directory."""
@@ -106,11 +109,12 @@ def resolve(preset: str | None, overrides: list[str], resume: bool = False, chec
     out_dir = Path(train.out_dir).expanduser()
     if check_out:
         check_out_dir(out_dir, resume)
-    text = "" if data.tokens else corpus_from_spec(data.corpus, Path(data.cache_dir).expanduser())
+    if not data.tokens:
+        source_stamp(data.corpus)  # a corpus that is not there: one line now, before a tokenizer is trained
     if resume:
         tokenizer = Tokenizer.load(out_dir / TOKENIZER_FILE)
         run = Run("resume", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer,
-                  None, text)
+                  None)
         check_fingerprint(run)
         return run
     if train.init_from is not None:
@@ -120,29 +124,39 @@ def resolve(preset: str | None, overrides: list[str], resume: bool = False, chec
         if path is None:
             raise CheckpointError(f"{train.init_from}: no tokenizer.json to fine-tune with")
         tokenizer = Tokenizer.load(path)
-        if data.tokens and make_tokenizer(data, text).fingerprint != tokenizer.fingerprint:
+        if data.tokens and make_tokenizer(data).fingerprint != tokenizer.fingerprint:
             raise RunError(f"data.tokens={data.tokens} was encoded with another tokenizer than {train.init_from}'s: "
                            f"prepare it with data.tokenizer={path}")
-        return Run("finetune", out_dir, finetune_config(loaded, tables), train, data, tokenizer, source_dir, text)
-    tokenizer = make_tokenizer(data, text)
-    return Run("fresh", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer, None,
-               text)
+        return Run("finetune", out_dir, finetune_config(loaded, tables), train, data, tokenizer, source_dir)
+    tokenizer = make_tokenizer(data)
+    return Run("fresh", out_dir, model_config(tables, tokenizer.vocab_size, source), train, data, tokenizer, None)
 
 
-def make_tokenizer(data: DataConfig, text: str) -> Tokenizer:
-    """A fresh run's tokenizer: a token dataset's own (data.tokens), trained
-    on the corpus (char, bpe), GPT-2's, or a tokenizer.json file."""
+def make_tokenizer(data: DataConfig) -> Tokenizer:
+    """A fresh run's (and jaxgpt.prepare's) tokenizer: a token dataset's own
+    (data.tokens), trained on the corpus's documents as they stream by (char,
+    bpe), GPT-2's, or a tokenizer.json file."""
     if data.tokens:
         from gptcore.prepare import read_manifest
         read_manifest(Path(data.tokens).expanduser())  # a usable dataset, or one line saying why not
         return Tokenizer.load(Path(data.tokens).expanduser() / TOKENIZER_FILE)
     if data.tokenizer == "char":
-        return Tokenizer.train_char(text)
+        return Tokenizer.train_char(_texts(data))
     if data.tokenizer == "bpe":
-        return Tokenizer.train_bpe(text, data.bpe_vocab_size)
+        return Tokenizer.train_bpe(_texts(data), data.bpe_vocab_size)
     if data.tokenizer == "gpt2":
         return Tokenizer.load(download_gpt2_tokenizer(Path(data.cache_dir).expanduser()))
     return Tokenizer.load(Path(data.tokenizer).expanduser())
+
+
+def _texts(data: DataConfig) -> Iterator[str]:
+    """The corpus's documents, for training a tokenizer on; one line if there is no text."""
+    empty = True
+    for doc in documents(data.corpus, data.text_field, data.cache_dir):
+        empty = empty and not doc.strip()
+        yield doc
+    if empty:
+        raise DataError(f"the corpus {data.corpus} is empty")
 
 
 def resolve_checked(preset: str | None, overrides: list[str], resume: bool = False) -> Run:
@@ -248,10 +262,11 @@ def fingerprint(run: Run) -> dict:
 
 
 def _data_sha256(run: Run) -> str:
-    """The sha256 of the corpus text, or of a token dataset's manifest (its shards' checksums within)."""
+    """The sha256 of a token dataset's manifest (its files' checksums within),
+    or of the corpus's files' names, sizes and modification times."""
     if run.data.tokens:
         return hashlib.sha256((Path(run.data.tokens).expanduser() / "manifest.json").read_bytes()).hexdigest()
-    return hashlib.sha256(run.corpus.encode("utf-8")).hexdigest()
+    return source_sha256(run.data.corpus)
 
 
 def check_fingerprint(run: Run) -> None:

@@ -21,6 +21,7 @@ KERNELS = ("auto", "reference", "cpu")
 PARALLELS = ("auto", "single", "pmap", "mesh")
 TOKENIZERS = ("char", "bpe", "gpt2")  # or a path to a tokenizer.json
 SAMPLERS = ("random", "sliding")
+VAL_SPLITS = ("tail", "documents")
 
 
 @dataclass(frozen=True)
@@ -115,17 +116,19 @@ class TrainConfig:
 class DataConfig:
     """Where the text comes from and how it becomes batches."""
 
-    corpus: str = "shakespeare"  # gptcore.corpus.corpus_from_spec: shakespeare | tinyshakespeare | gutenberg | path
+    corpus: str = "shakespeare"  # gptcore.documents: shakespeare | tinyshakespeare | gutenberg | a file or a
+    # directory of .txt / .jsonl(.gz) / .parquet files | hf:NAME[:CONFIG][:SPLIT]
     tokenizer: str = "char"  # "char", byte-level "bpe" (trained on the corpus), "gpt2" (GPT-2's, downloaded
     # once into cache_dir) or the path of a Hugging Face tokenizer.json
     bpe_vocab_size: int = 2048
-    val_fraction: float = 0.1  # the tail of the token stream held out for validation
+    val_fraction: float = 0.1  # the share of the tokens (or documents) held out for validation
+    val_split: str = "tail"  # "tail": the stream's last val_fraction (nanoGPT); "documents": every k-th document
     sampler: str = "random"  # "random" windows (nanoGPT) or "sliding" windows (seed 003)
     stride: int | None = None  # sliding windows' stride; None: block_size
     cache_dir: str = "~/.cache/jaxgpt"  # downloaded corpora
     tokens: str | None = None  # a token dataset directory written by jaxgpt.prepare: trains on it (corpus unread)
-    text_field: str = "text"  # jaxgpt.prepare: the field of a jsonl record / parquet column holding the text
-    num_proc: int = 0  # jaxgpt.prepare: encoding processes (0: one per core)
+    text_field: str = "text"  # the field of a jsonl record / parquet column / hf: row holding the text
+    num_proc: int = 0  # encoding processes (0: one per core; small corpora are encoded in-process)
 
     def __post_init__(self):
         check_field_types(self, _CHOICES)
@@ -168,7 +171,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 _CHOICES = {"decay": DECAYS, "dtype": DTYPES, "attention_impl": ATTENTION_IMPLS, "kernels": KERNELS,
             "parallel": PARALLELS,
-            "sampler": SAMPLERS}
+            "sampler": SAMPLERS, "val_split": VAL_SPLITS}
 
 
 def _check_values(c) -> None:

@@ -6,7 +6,7 @@ A run directory (train.out_dir) holds
 
     config.json     every config section of the run ({"model": ..., "train": ..., "data": ...})
     tokenizer.json  the tokenizer the model was trained with
-    data/           train.bin / val.bin / meta.json (gptcore.data.prepare_tokens)
+    data/           the corpus as a token dataset (gptcore.prepare; absent with data.tokens)
     checkpoints/    the trainer's checkpoints (latest ones and the best by val loss)
     model/          the exported model directory (best params)
     metrics.jsonl   one JSON record per logged step / evaluation
@@ -24,15 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcore.data import (
-    RandomWindows,
-    SlidingWindows,
-    eval_batches,
-    load_tokens,
-    prepare_tokens,
-)
+from gptcore.data import RandomWindows, SlidingWindows, eval_batches
 from gptcore.errors import write_atomic
 from gptcore.lock import LOCK_FILE
+from gptcore.prepare import ShardedTokens, prepare
 from gptcore.run import CONFIG_FILE, FINGERPRINT_FILE, Run, RunError, fingerprint
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
 from gptcore.train_config import DataConfig, TrainConfig
@@ -41,16 +36,18 @@ METRICS_FILE = "metrics.jsonl"
 
 
 # -- run directory ------------------------------------------------------------------
-def prepare_data(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """(train tokens, val tokens): a token dataset's shards (data.tokens), or
-    the corpus encoded once into OUT_DIR/data."""
-    if run.data.tokens:
-        from gptcore.prepare import ShardedTokens
-        return ShardedTokens(Path(run.data.tokens).expanduser(), "train"), \
-            ShardedTokens(Path(run.data.tokens).expanduser(), "val")
-    out = run.out_dir / "data"
-    prepare_tokens(run.corpus, run.tokenizer, out, run.data.val_fraction)
-    return load_tokens(out, "train"), load_tokens(out, "val")
+def prepare_data(run: Run) -> tuple[ShardedTokens, ShardedTokens]:
+    """(train tokens, val tokens) of a token dataset: data.tokens, or the
+    corpus prepared once into OUT_DIR/data (gptcore.prepare, reused while the
+    corpus and the settings stay the same)."""
+    data = run.data
+    if data.tokens:
+        directory = Path(data.tokens).expanduser()
+    else:
+        directory = run.out_dir / "data"
+        prepare(data.corpus, run.tokenizer, directory, text_field=data.text_field, cache_dir=data.cache_dir,
+                val_fraction=data.val_fraction, val_split=data.val_split, num_proc=data.num_proc or None)
+    return ShardedTokens(directory, "train"), ShardedTokens(directory, "val")
 
 
 def write_run_files(run: Run) -> None:

@@ -99,7 +99,7 @@ def permuted_tokenizer(u: User, name: str) -> Path:
 def users_files(u: User) -> Path:
     """A directory of the user's own files with a run's names (but no config.json)."""
     d = scratch(u, "users_files")
-    for name in ("tokenizer.json", "sample.txt", "loss.png", "data/train.bin", "data/meta.json"):
+    for name in ("tokenizer.json", "sample.txt", "loss.png", "data/tokens-00000.bin", "data/manifest.json"):
         (d / name).parent.mkdir(exist_ok=True)
         (d / name).write_text(f"the user's {name}\n")
     return d

@@ -2,7 +2,6 @@
 batch samplers. Offline: every download goes through a fake fetch."""
 
 import hashlib
-import json
 import re
 import urllib.error
 from pathlib import Path
@@ -26,10 +25,9 @@ from gptcore.data import (
     RandomWindows,
     SlidingWindows,
     eval_batches,
-    load_tokens,
     pad_batch,
-    prepare_tokens,
 )
+from gptcore.prepare import ShardedTokens, prepare
 from gptcore.tokenizer import Tokenizer, TokenizerError
 
 TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -237,49 +235,55 @@ def test_read_corpus(tmp_path):
             read_corpus(tmp_path / name)
 
 
-# -- token files ------------------------------------------------------------------
-def test_prepare_tokens_split_and_reuse(tmp_path):
+# -- token files (gptcore.prepare, as a data.corpus run prepares them) ------------
+def tokens_of(directory: Path, split: str) -> np.ndarray:
+    tokens = ShardedTokens(directory, split)
+    return tokens[np.arange(len(tokens))]
+
+
+def test_tail_split_and_reuse(tmp_path):
     text = TINY_SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    spec, out = str(tmp_path / "c.txt"), tmp_path / "ds"
     tok = Tokenizer.train_char(text)
-    meta = prepare_tokens(text, tok, tmp_path)
-    train, val = load_tokens(tmp_path, "train"), load_tokens(tmp_path, "val")
-    assert isinstance(train, np.memmap) and train.dtype == np.uint16
-    assert (meta["train_tokens"], meta["val_tokens"]) == (18_000, 2_000)  # val: the last 10%
-    assert np.array_equal(np.concatenate([train, val]), tok.encode(text))
-    assert json.loads((tmp_path / "meta.json").read_text())["corpus_sha256"] == \
-        hashlib.sha256(text.encode()).hexdigest()
+    manifest = prepare(spec, tok, out, num_proc=1)
+    train, val = tokens_of(out, "train"), tokens_of(out, "val")
+    assert train.dtype == np.uint16 and manifest["val_split"] == "tail"
+    assert (len(train), len(val)) == (18_001, 2_000)  # the document and its "\n" separator; val: the last 10%
+    assert np.array_equal(np.concatenate([train, val]), tok.encode(text + "\n"))
 
-    stamp = (tmp_path / "train.bin").stat().st_mtime_ns
-    assert prepare_tokens(text, tok, tmp_path) == meta
-    assert (tmp_path / "train.bin").stat().st_mtime_ns == stamp  # reused, not rewritten
+    stamp = (out / manifest["files"][0]["file"]).stat().st_mtime_ns
+    assert prepare(spec, tok, out, num_proc=1) == manifest
+    assert (out / manifest["files"][0]["file"]).stat().st_mtime_ns == stamp  # reused, not rewritten
 
-    assert prepare_tokens(text, tok, tmp_path, val_fraction=0.5)["val_tokens"] == 10_000
-    assert prepare_tokens(text[:1000], tok, tmp_path)["train_tokens"] == 900
+    assert prepare(spec, tok, out, num_proc=1, val_fraction=0.5)["splits"]["val"]["tokens"] == 10_000
+    (tmp_path / "c.txt").write_text(text[:999], encoding="utf-8")
+    assert prepare(spec, tok, out, num_proc=1)["splits"]["train"]["tokens"] == 900
     other = Tokenizer.train_char(text + "#")
-    assert prepare_tokens(text[:1000], other, tmp_path)["tokenizer_sha256"] == other.fingerprint
-    with open(tmp_path / "val.bin", "r+b") as f:
+    assert prepare(spec, other, out, num_proc=1)["tokenizer_sha256"] == other.fingerprint
+    with open(out / manifest["files"][0]["file"], "r+b") as f:
         f.truncate(10)  # damaged files are rebuilt, not trusted
-    prepare_tokens(text[:1000], other, tmp_path)
-    assert len(load_tokens(tmp_path, "val")) == 100
+    prepare(spec, other, out, num_proc=1)
+    assert len(tokens_of(out, "val")) == 100
 
 
-def test_prepare_tokens_bpe_chunks_equal_whole_encoding(tmp_path, bpe):
+def test_bpe_pieces_equal_whole_encoding(tmp_path, bpe):
     text = TINY_SHAKESPEARE.read_text(encoding="utf-8")[:30_000] + "\n\n  indented\n汉字\n"
-    prepare_tokens(text, bpe, tmp_path, val_fraction=0.0, chunk_chars=500)
-    stream = load_tokens(tmp_path, "train")
-    assert np.array_equal(stream, bpe.encode(text))
-    assert bpe.decode(stream) == text
-    assert len(load_tokens(tmp_path, "val")) == 0
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    prepare(str(tmp_path / "c.txt"), bpe, tmp_path / "ds", val_fraction=0.0, batch_bytes=500, num_proc=1)
+    stream = tokens_of(tmp_path / "ds", "train")
+    assert np.array_equal(stream, bpe.encode(text) + [bpe.eos_id])
+    assert bpe.decode(stream[:-1]) == text
+    assert len(ShardedTokens(tmp_path / "ds", "val")) == 0
 
 
-def test_prepare_tokens_errors(tmp_path):
-    tok = Tokenizer.train_char("abc")
-    with pytest.raises(TokenizerError, match=r"corpus has characters .*'d' \(U\+0064\) at 3"):
-        prepare_tokens("abcd", tok, tmp_path)
-    with pytest.raises(DataError, match="no meta.json"):
-        load_tokens(tmp_path, "train")
-    with pytest.raises(DataError, match="split must be"):
-        load_tokens(tmp_path, "test")
+def test_token_file_errors(tmp_path):
+    (tmp_path / "c.txt").write_text("abcd")
+    tok = Tokenizer.train_char("abc\n")
+    with pytest.raises(TokenizerError, match=r"a document has characters .*'d' \(U\+0064\) at 3"):
+        prepare(str(tmp_path / "c.txt"), tok, tmp_path / "ds", num_proc=1)
+    with pytest.raises(DataError, match="not a usable token dataset"):
+        ShardedTokens(tmp_path / "ds", "train")
 
 
 # -- samplers ---------------------------------------------------------------------

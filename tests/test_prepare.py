@@ -78,7 +78,7 @@ def test_every_input_kind_round_trips(kind, inputs, tok, tmp_path):
     ends = [i for i, t in enumerate(ids) if t == tok.eos_id]
     parts = [ids[a + 1:b] for a, b in zip([-1, *ends[:-1]], ends)]  # each document's ids, eos between
     assert [tok.decode(part) for part in parts] == docs
-    assert manifest["splits"]["train"]["documents"] == len(docs) and manifest["dtype"] == "uint16"
+    assert manifest["documents"] == len(docs) and manifest["dtype"] == "uint16"
 
 
 def test_parallel_encoding_writes_what_one_process_writes(inputs, tok, tmp_path):
@@ -86,19 +86,20 @@ def test_parallel_encoding_writes_what_one_process_writes(inputs, tok, tmp_path)
     same manifest and shard bytes as one process (documents keep their order)."""
     spec = inputs["many"][0]
     one, two = (prepare(spec, tok, tmp_path / f"p{n}", num_proc=n, shard_tokens=3000, val_fraction=0.1,
-                        batch_bytes=2000) for n in (1, 2))
-    assert one["splits"] == two["splits"] and len(one["splits"]["train"]["shards"]) > 3
-    assert one["splits"]["val"]["documents"] > 0
-    for shard in one["splits"]["train"]["shards"]:
-        assert (tmp_path / "p1" / shard["file"]).read_bytes() == (tmp_path / "p2" / shard["file"]).read_bytes()
+                        val_split="documents", batch_bytes=2000) for n in (1, 2))
+    assert one["splits"] == two["splits"] and one["files"] == two["files"]
+    assert len(one["splits"]["train"]["shards"]) > 3 and one["splits"]["val"]["documents"] == 24
+    for f in one["files"]:
+        assert (tmp_path / "p1" / f["file"]).read_bytes() == (tmp_path / "p2" / f["file"]).read_bytes()
 
 
 def test_windows_across_shards_are_the_joined_streams(inputs, tok, tmp_path):
     """A batch is a pure function of (seed, step) whether the tokens sit in
-    one array or in shards of 1000."""
-    prepare(inputs["jsonl"][0], tok, tmp_path / "ds", num_proc=1, shard_tokens=1000, val_fraction=0.0)
+    one array or in files of about 1000 (closed at batch boundaries)."""
+    prepare(inputs["jsonl"][0], tok, tmp_path / "ds", num_proc=1, shard_tokens=1000, val_fraction=0.0,
+            batch_bytes=2000)
     sharded = ShardedTokens(tmp_path / "ds", "train")
-    assert len(read_manifest(tmp_path / "ds")["splits"]["train"]["shards"]) > 3
+    assert len(read_manifest(tmp_path / "ds")["files"]) > 3
     joined = split_tokens(tmp_path / "ds", "train")
     for step in range(5):
         a, b = (RandomWindows(t, 64, 8, seed=3).batch(step) for t in (sharded, joined))
@@ -108,7 +109,7 @@ def test_windows_across_shards_are_the_joined_streams(inputs, tok, tmp_path):
 def test_a_finished_dataset_is_reused_and_a_corrupted_one_refused(inputs, tok, tmp_path):
     spec = inputs["jsonl"][0]
     first = prepare(spec, tok, tmp_path / "ds", num_proc=1, val_fraction=0.1)
-    shard = tmp_path / "ds" / first["splits"]["train"]["shards"][0]["file"]
+    shard = tmp_path / "ds" / first["files"][0]["file"]
     stamp = shard.stat().st_mtime_ns
     assert prepare(spec, tok, tmp_path / "ds", num_proc=1, val_fraction=0.1) == first
     assert shard.stat().st_mtime_ns == stamp  # reused, not rewritten

@@ -70,7 +70,7 @@ def smoke_run(preset, tmp_path_factory) -> Path:
 
 def test_cli_run_writes_every_output(smoke_run):
     out = smoke_run
-    for name in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt", "data/train.bin",
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt", "data/manifest.json",
                  "model/config.json", "model/tokenizer.json"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
