@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,20 +139,31 @@ def test_bad_input_is_one_line(content, needle, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and needle in err[0], err
 
 
-def test_a_run_trains_from_a_token_dataset(inputs, tmp_path, capsys):
+def losses(run: Path) -> list[tuple]:
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, (run / "metrics.jsonl").open())]
+
+
+def test_a_run_trains_from_a_token_dataset_as_from_its_corpus(inputs, tmp_path, capsys):
     """python -m jaxgpt.prepare, then python -m jaxgpt.train data.tokens=DIR: the
-    run takes the dataset's tokenizer, and --resume knows the dataset."""
+    run takes the dataset's tokenizer, --resume knows the dataset, and it
+    trains exactly as a run given data.corpus with the same data settings."""
     corpus = inputs["many"][0]
-    assert jprepare.main([f"data.corpus={corpus}", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
-                          "data.val_fraction=0.1", "data.num_proc=2", "--out", str(tmp_path / "ds")]) == 0
-    args = ["--config", "debug", "model.vocab_size=auto", f"data.tokens={tmp_path / 'ds'}",
-            f"train.out_dir={tmp_path / 'run'}", "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=1",
-            "train.sample_tokens=0"]
-    assert jtrain.main(args) == 0
+    data = [f"data.corpus={corpus}", "data.tokenizer=bpe", "data.bpe_vocab_size=300", "data.val_fraction=0.1",
+            "data.val_split=documents"]
+    assert jprepare.main([*data, "data.num_proc=2", "--out", str(tmp_path / "ds")]) == 0
+    args = ["--config", "debug", "model.vocab_size=auto", "train.max_steps=4", "train.eval_interval=2",
+            "train.eval_batches=1", "train.sample_tokens=0", "train.log_interval=1"]
+    assert jtrain.main([*args, f"data.tokens={tmp_path / 'ds'}", f"train.out_dir={tmp_path / 'run'}"]) == 0
     run_tok = Tokenizer.load(tmp_path / "run" / "tokenizer.json")
     assert run_tok.fingerprint == Tokenizer.load(tmp_path / "ds" / "tokenizer.json").fingerprint
     assert not (tmp_path / "run" / "data").exists()  # the shards are read where they are
-    assert jtrain.main([*args, "--resume", "train.max_steps=6"]) == 0
+
+    assert jtrain.main([*args, *data, f"train.out_dir={tmp_path / 'from_corpus'}"]) == 0
+    own = read_manifest(tmp_path / "from_corpus" / "data")
+    assert own["files"] == read_manifest(tmp_path / "ds")["files"] and own["splits"]["val"]["documents"] == 24
+    assert losses(tmp_path / "from_corpus") == losses(tmp_path / "run") and len(losses(tmp_path / "run")) >= 6
+    assert jtrain.main([*args, f"data.tokens={tmp_path / 'ds'}", f"train.out_dir={tmp_path / 'run'}", "--resume",
+                        "train.max_steps=6"]) == 0
 
 
 def test_a_long_document_is_encoded_in_pieces_as_a_whole(tok, tmp_path):
@@ -176,3 +193,45 @@ def test_fine_tuning_on_a_dataset_needs_the_models_tokenizer(inputs, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: data.tokens=") and f"data.tokenizer={own}" in err[-1], err
     assert not (tmp_path / "bad").exists()
+
+
+KILLED_PREPARE = """
+import sys
+from gptcore.prepare import prepare
+from gptcore.tokenizer import Tokenizer
+prepare(sys.argv[1], Tokenizer.load(sys.argv[2]), sys.argv[3], num_proc=2, shard_tokens=20_000, batch_bytes=20_000,
+        val_split="documents")
+"""
+
+
+def test_a_killed_prepare_resumes_to_the_same_dataset(tok, tmp_path):
+    """kill -9 (the whole process group, workers included) once some files are
+    done, then prepare again: the finished files are kept, not re-encoded, and
+    the manifest and every file equal an uninterrupted prepare's."""
+    corpus = tmp_path / "big.jsonl"
+    with open(corpus, "w") as f:
+        for i in range(30):
+            f.writelines(json.dumps({"text": d}) + "\n" for d in DOCS)
+    tok.save(tmp_path / "tok.json")
+    run = [sys.executable, "-c", KILLED_PREPARE, str(corpus), str(tmp_path / "tok.json")]
+    subprocess.run([*run, str(tmp_path / "whole")], check=True)
+    seed = int(os.environ.get("KILL_SEED", random.randrange(1 << 30)))
+    print(f"KILL_SEED={seed}")
+    proc = subprocess.Popen([*run, str(tmp_path / "killed")], start_new_session=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "killed" / ".progress.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random(seed).uniform(0.0, 0.15))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "manifest.json").exists(), "the prepare finished before the kill"
+    progress = json.loads((tmp_path / "killed" / ".progress.json").read_text())
+    kept = {f["file"]: (tmp_path / "killed" / f["file"]).stat().st_mtime_ns
+            for r in progress["rounds"] for f in r["files"]}
+    print(f"killed after {len(kept)} files")
+    subprocess.run([*run, str(tmp_path / "killed")], check=True)
+    whole, killed = (read_manifest(tmp_path / d, verify=True) for d in ("whole", "killed"))
+    assert killed == whole and len(whole["files"]) > 10
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert all((tmp_path / "killed" / name).stat().st_mtime_ns == stamp for name, stamp in kept.items())
