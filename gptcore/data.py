@@ -64,12 +64,12 @@ class RandomWindows(_Windows):
         super().__init__(tokens, block_size, batch_size, split)
         self.seed = seed
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """x, y: int32 (B, T), y the next tokens of x."""
+    def batch(self, step: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """x, y: int32 (B, T), y the next tokens of x; with `rows`, only those rows of the batch."""
         _check_step(step)
         rng = np.random.default_rng((self.seed, step))
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)  # (B,)
-        return self._gather(starts)
+        return self._gather(starts if rows is None else starts[rows])
 
 
 class SlidingWindows(_Windows):
@@ -96,12 +96,12 @@ class SlidingWindows(_Windows):
         self._order_epoch = -1
         self._order = self.starts
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """x, y: int32 (B, T), y the next tokens of x."""
+    def batch(self, step: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """x, y: int32 (B, T), y the next tokens of x; with `rows`, only those rows of the batch."""
         _check_step(step)
         epoch, i = divmod(step, self.steps_per_epoch)
-        order = self._epoch_order(epoch)
-        return self._gather(order[i * self.batch_size:(i + 1) * self.batch_size])
+        starts = self._epoch_order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]  # (B,)
+        return self._gather(starts if rows is None else starts[rows])
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """Window starts in the order epoch `epoch` visits them (cached: steps

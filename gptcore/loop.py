@@ -42,6 +42,7 @@ class Engine(Protocol):
 
     lead: bool  # this process writes the run's files
     processes: int  # processes running the loop together (jax.distributed), 1 otherwise
+    rows: Any  # the rows of each batch this process reads (an int array), or None: all of them
 
     def describe(self) -> str:
         """The devices it trains on, one line."""
@@ -55,7 +56,8 @@ class Engine(Protocol):
         """Resume: load the newest checkpoint that reads back; (its step, the loop state saved with it)."""
 
     def step(self, step: int, batch) -> Any:
-        """One optimizer step on a batch (x, y, valid numpy (A, B, T)); metrics, maybe not yet computed."""
+        """One optimizer step on a batch (x, y, valid numpy (A, B, T), B: the rows this process reads);
+        metrics, maybe not yet computed."""
 
     def metrics(self, handle: Any) -> dict[str, float]:
         """A step's metrics as floats: loss, aux_loss, grad_norm, lr."""
@@ -140,7 +142,7 @@ def _train(run: Run, engine: Engine) -> dict:
     began = t0  # val records carry the loop's wall time so far (time_s; a resumed run counts from its restart)
     with stop_signals(enabled=engine.processes == 1) as stop:
         for step in bar if not stopper.should_stop else ():
-            handle = engine.step(step, batches.batch(step))
+            handle = engine.step(step, batches.batch(step, engine.rows))
             done = step + 1
             if done % tc.log_interval == 0 or done == tc.max_steps:
                 m = engine.metrics(handle)

@@ -121,15 +121,15 @@ def _cuts(text: str, chunk_chars: int) -> Iterator[str]:
 
 
 
-def _batches(docs: Iterator[str], batch_bytes: int) -> Iterator[list[Piece]]:
+def _batches(docs: Iterator[str], batch_bytes: int, cut: bool = True) -> Iterator[list[Piece]]:
     """Documents as pieces of about batch_bytes at most (cut where byte-level
-    BPE never merges across, _cuts, so a document's ids are
-    those of its whole text), grouped into batches of about batch_bytes:
+    BPE never merges across, _cuts, so a document's ids are those of its whole
+    text; with cut False, whole), grouped into batches of about batch_bytes:
     a worker holds one batch's encodings, never a whole large document's."""
     batch: list[Piece] = []
     size = 0
     for doc in docs:
-        pieces = list(_cuts(doc, batch_bytes)) if len(doc) > batch_bytes else [doc]
+        pieces = list(_cuts(doc, batch_bytes)) if cut and len(doc) > batch_bytes else [doc]
         for i, piece in enumerate(pieces):
             batch.append((piece, i == 0, i == len(pieces) - 1))
             size += len(piece)
@@ -255,7 +255,9 @@ def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field:
             multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer.hf.to_str(), separator)))
     with pool:
         pending: deque = deque()
-        for i, batch in enumerate(_batches(documents(spec, text_field, cache_dir), batch_bytes)):
+        # a char or byte-level BPE tokenizer gives a text's ids piece by piece; another ("hf") the whole
+        for i, batch in enumerate(_batches(documents(spec, text_field, cache_dir), batch_bytes,
+                                           cut=tokenizer.kind != "hf")):
             if i < done.batches:  # in a file a killed run finished
                 continue
             pending.append((pool.apply_async(_encode, (batch,)), batch))

@@ -1,16 +1,22 @@
 """Tokenizers shared by both twins, each stored as one HF `tokenizer.json`.
 
-Two kinds, told apart by the HF model type in the json:
+Three kinds, told apart by the json:
 
 - "char" (WordLevel): one id per character, ids in sorted character order as in
   nanoGPT's shakespeare_char (tiny Shakespeare: 65 ids, '\\n' = 0, ' ' = 1).
   A pre-tokenizer isolates every character and the `Fuse` decoder joins them
   with nothing in between, so the json alone reproduces the tokenizer.
-- "bpe" (BPE): byte-level BPE as in seed 002 (GPT-2 style pre-tokenizer with
-  `add_prefix_space=True`).
+- "bpe" (BPE with a ByteLevel pre-tokenizer): byte-level BPE as in seed 002
+  and GPT-2 (`add_prefix_space=True` or not), Llama 3 and most recent models.
+- "hf": any other tokenizer.json, e.g. Llama 2's and Mistral's SentencePiece
+  BPE (Metaspace, byte fallback) or a WordLevel / WordPiece / Unigram model:
+  encoded and decoded exactly as `tokenizers` does with that file (special
+  tokens not added), so a model imported from Hugging Face trains on its own ids.
 
-For both kinds `decode(encode(s)) == s` for every string `s`, and no character
-is ever dropped: text the vocabulary cannot spell raises `TokenizerError`.
+For "char" and "bpe", `decode(encode(s)) == s` for every string `s`, and no
+character is ever dropped: text the vocabulary cannot spell raises
+`TokenizerError`. An "hf" tokenizer handles unknown text as its file says
+(an unk token, byte fallback).
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from gptcore.errors import UserError
 
 FILENAME = "tokenizer.json"
-_KIND_OF_MODEL = {"WordLevel": "char", "BPE": "bpe"}
 _MAX_REPORTED = 5  # distinct unknown characters named in one error message
 
 
@@ -56,18 +61,15 @@ EOS_TOKENS = ("[eos]", "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>")
 
 
 class Tokenizer:
-    """A char or byte-level BPE tokenizer around an HF `tokenizers.Tokenizer`.
+    """A char, byte-level BPE or other ("hf") tokenizer around an HF `tokenizers.Tokenizer`.
 
     `hf` is the tokenizer exactly as saved to tokenizer.json; it is not modified.
     """
 
     def __init__(self, hf: tokenizers.Tokenizer):
         spec = json.loads(hf.to_str())
-        model_type = spec["model"]["type"]
-        if model_type not in _KIND_OF_MODEL:
-            raise TokenizerError(f"unsupported tokenizer model {model_type!r}: expected WordLevel (char) or BPE")
         self.hf = hf
-        self.kind: str = _KIND_OF_MODEL[model_type]
+        self.kind: str = _kind(spec, hf)
         self._specials = [t["content"] for t in spec["added_tokens"]]
         self._special_re = (re.compile("|".join(map(re.escape, sorted(self._specials, key=len, reverse=True))))
                             if self._specials else None)
@@ -75,15 +77,11 @@ class Tokenizer:
         # tokenizer.json (seed 002 enables padding) would corrupt token streams.
         spec["padding"] = spec["truncation"] = None
         vocab = hf.get_vocab(with_added_tokens=False)
-        if self.kind == "char":
-            self._prefix_space = False
-            self._known_chars = frozenset(vocab)
-            self._known_bytes: frozenset[int] | None = None
-        else:
-            pre = spec.get("pre_tokenizer") or {}
-            if pre.get("type") != "ByteLevel":
-                raise TokenizerError(f"unsupported bpe tokenizer: needs a ByteLevel pre_tokenizer, "
-                                     f"got {pre.get('type')!r}")
+        self._prefix_space = False
+        self._known_chars = frozenset(vocab) if self.kind == "char" else frozenset()
+        self._known_bytes: frozenset[int] | None = None
+        if self.kind == "bpe":
+            pre = spec["pre_tokenizer"]
             # HF's add_prefix_space adds a space only when the text does not already
             # start with one, so " a" and "a" would encode alike. Encoding with the
             # flag off and adding the space ourselves keeps encode injective (and
@@ -92,7 +90,6 @@ class Tokenizer:
             # decoder) says the same, and HF then encodes every text as we do.
             self._prefix_space = bool(pre.get("add_prefix_space")) or _take_prefix_steps(spec)
             pre["add_prefix_space"] = False
-            self._known_chars = frozenset()
             known = {b for b, c in _BYTE_CHAR.items() if c in vocab}
             # BPE without an unk token silently drops bytes it has no token for.
             self._known_bytes = None if len(known) == 256 else frozenset(known)
@@ -270,6 +267,17 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+def _kind(spec: dict, hf: tokenizers.Tokenizer) -> str:
+    """ "char": a WordLevel model whose words are single characters; "bpe": a
+    BPE model with a ByteLevel pre-tokenizer; "hf": anything else."""
+    model_type = spec["model"]["type"]
+    if model_type == "WordLevel" and all(len(w) == 1 for w in hf.get_vocab(with_added_tokens=False)):
+        return "char"
+    if model_type == "BPE" and (spec.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+        return "bpe"
+    return "hf"
 
 
 def _take_prefix_steps(spec: dict) -> bool:

@@ -93,9 +93,10 @@ class TrainBatches:
                                           train.seed)
         self.grad_accum = train.grad_accum
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """x, y int32 and valid bool, each (A, B, T)."""
-        pairs = [self.sampler.batch(step * self.grad_accum + i) for i in range(self.grad_accum)]
+    def batch(self, step: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x, y int32 and valid bool, each (A, B, T); with `rows` (multi-host:
+        the rows this process feeds), only those rows are read: (A, len(rows), T)."""
+        pairs = [self.sampler.batch(step * self.grad_accum + i, rows) for i in range(self.grad_accum)]
         x = np.stack([p[0] for p in pairs])  # (A, B, T)
         y = np.stack([p[1] for p in pairs])  # (A, B, T)
         return x, y, np.ones(x.shape, bool)

@@ -41,6 +41,7 @@ class JaxEngine:
         self.runner = make_runner(tc, mc)  # a device count that cannot split the batch fails here
         self.lead = jax.process_index() == 0  # the process that writes files other than checkpoints
         self.processes = jax.process_count()
+        self.rows = self.runner.local_rows(tc.batch_size)  # of each batch, the ones this process reads
         self.model = make_model(mc, tc)
         if run.mode == "finetune":  # the source's params with a fresh optimizer
             params = load_model(run.init_from)[1]

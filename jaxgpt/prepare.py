@@ -29,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         data = build_section("data", tables.get("data", {}), str(args.config))
         if data.tokens:
             raise DataError("data.tokens names a prepared dataset: prepare takes data.corpus (and --out)")
-        manifest = prepare(data.corpus, make_tokenizer(data), args.out, text_field=data.text_field,
+        tokenizer = make_tokenizer(data)
+        vocab = tables.get("model", {}).get("vocab_size")
+        if isinstance(vocab, int) and tokenizer.vocab_size > vocab:  # "auto" takes the tokenizer's
+            raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
+                            f"{vocab} ({args.config}): the ids would not fit its embedding")
+        manifest = prepare(data.corpus, tokenizer, args.out, text_field=data.text_field,
                            cache_dir=data.cache_dir, val_fraction=data.val_fraction, val_split=data.val_split,
                            num_proc=data.num_proc or None, shard_tokens=args.shard_tokens, progress=True)
         splits = manifest["splits"]

@@ -20,8 +20,8 @@ Every runner follows the `Runner` protocol, so jaxgpt.engine drives them alike:
   restore straight into the shardings, so no process holds a full copy.
 
 Multi-host: after jax.distributed.initialize the mesh spans every process's
-devices and each process feeds only its rows of the global batch
-(jax.make_array_from_process_local_data).
+devices and each process reads and feeds only its rows of the global batch
+(local_rows, jax.make_array_from_process_local_data).
 """
 
 from __future__ import annotations
@@ -59,8 +59,11 @@ class Runner(Protocol):
         """A (host) state on the runner's devices, in the layout `step` takes;
         arrays already placed there stay."""
 
+    def local_rows(self, batch_size: int) -> np.ndarray | None:
+        """The rows of each micro-batch this process feeds (None: all of them)."""
+
     def place_batch(self, batch) -> Batch:
-        """A global batch (x, y, valid numpy (A, B, T)) on the devices."""
+        """A batch (x, y, valid numpy (A, B, T); B: this process's local_rows) on the devices."""
 
     def step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]: ...
 
@@ -75,6 +78,9 @@ class Runner(Protocol):
 
 class _OneCopy:
     """A runner whose state is one copy (sharded or not), as the step returns it."""
+
+    def local_rows(self, batch_size: int) -> np.ndarray | None:
+        return None  # one process feeds every row
 
     def eval_params(self, state: TrainState):
         return state.params
@@ -136,6 +142,9 @@ class PmapRunner:
 
     def step(self, state: TrainState, batch: Batch, rng: jax.Array):
         return self._step(state, batch, rng)
+
+    def local_rows(self, batch_size: int) -> np.ndarray | None:
+        return None  # the local devices: every row
 
     def eval_params(self, state: TrainState):
         return jax.tree_util.tree_map(lambda a: a[0], state.params)
@@ -202,20 +211,26 @@ class MeshRunner(_OneCopy):
         return jax.jit(sharded_step, in_shardings=(sharding, self.batch_sharding, self.replicated),
                        out_shardings=(sharding, self.replicated), donate_argnums=0)
 
+    def local_rows(self, batch_size: int) -> np.ndarray | None:
+        """Multi-host: the rows this process's devices hold, in order (each
+        process reads only these from the data); one process: None, all."""
+        if jax.process_count() == 1:
+            return None
+        index = self.batch_sharding.addressable_devices_indices_map((1, batch_size, 1)).values()
+        spans = sorted({rows.indices(batch_size)[:2] for _, rows, _ in index})
+        return np.concatenate([np.arange(start, stop) for start, stop in spans])
+
     def place_batch(self, batch) -> Batch:
-        """Each process passes only the rows its devices hold."""
+        """Each process passes only the rows its devices hold (local_rows)."""
         rows = self.layout.batch_devices
         if jax.process_count() == 1:
             return tuple(jax.device_put(tuple(_check_rows(np.asarray(a), rows) for a in batch),
                                         self.batch_sharding))
-        arrays = []
-        for a in batch:
-            a = _check_rows(np.asarray(a), rows)
-            spans = sorted({idx[1].indices(a.shape[1])[:2] for idx in
-                            self.batch_sharding.addressable_devices_indices_map(a.shape).values()})
-            local = np.concatenate([a[:, start:stop] for start, stop in spans], axis=1)
-            arrays.append(jax.make_array_from_process_local_data(self.batch_sharding, local, a.shape))
-        return tuple(arrays)
+        blocks = self.layout.batch_devices  # the batch's row blocks, of which this process holds len(mine)
+        mine = self.local_rows(blocks)
+        shape = (batch[0].shape[0], batch[0].shape[1] * blocks // len(mine), *batch[0].shape[2:])  # the global batch
+        return tuple(jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(a), shape)
+                     for a in batch)
 
     def step(self, state: TrainState, batch: Batch, rng: jax.Array):
         if self._step is None:

@@ -66,6 +66,8 @@ for run in runs.split(","):
         start, stride = rng.integers(0, 64, (2, 8, 1)), rng.integers(1, 4, (2, 8, 1))
         seq = ((start + stride * np.arange(17)) % 64).astype(np.int32)
         x, y = seq[..., :-1], seq[..., 1:]
+        rows = runner.local_rows(8)  # a process feeds only its rows of the batch, as the loop does
+        x, y = (x, y) if rows is None else (x[:, rows], y[:, rows])
         state, m = runner.step(state, runner.place_batch((x, y, np.ones(x.shape, bool))), js.step_key(0, step))
         metrics = runner.metrics(m)
         losses.append(metrics["loss"])

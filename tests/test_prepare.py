@@ -139,6 +139,14 @@ def test_bad_input_is_one_line(content, needle, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and needle in err[0], err
 
 
+def test_a_tokenizer_larger_than_the_model_is_one_line(inputs, tmp_path, capsys):
+    code = jprepare.main(["--config", "debug", f"data.corpus={inputs['jsonl'][0]}", "data.tokenizer=bpe",
+                          "data.bpe_vocab_size=300", "--out", str(tmp_path / "ds")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "300 tokens, more than the model's vocab_size 64" in err[0], err
+    assert not (tmp_path / "ds").exists()
+
+
 def losses(run: Path) -> list[tuple]:
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, (run / "metrics.jsonl").open())]
 

@@ -161,6 +161,74 @@ def test_two_process_run_trains_checkpoints_and_exports(tmp_path):
         assert np.linalg.norm(got[k] - want[k]) <= 1e-5 * np.linalg.norm(want[k]), k
 
 
+# Two processes x 2 CPU devices: each reads only the rows of the global batch
+# its devices hold (a recording token stream says which positions it read),
+# and the placed global array is the batch one process would build. argv:
+# coordinator, process id, fsdp, out file.
+ROWS_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from gptcore.config import ModelConfig
+from gptcore.train_config import DataConfig, TrainConfig
+from gptcore.training import TrainBatches
+from jaxgpt.runners import make_runner
+
+class Recorder:  # a token stream that notes every position read
+    lazy_tokens, ndim, dtype = True, 1, np.dtype(np.uint16)
+    def __init__(self, tokens):
+        self.tokens, self.read = tokens, set()
+    def __len__(self):
+        return len(self.tokens)
+    def __getitem__(self, index):
+        self.read.update(np.asarray(index).ravel().tolist())
+        return self.tokens[index]
+
+tc = TrainConfig(batch_size=8, grad_accum=2, fsdp=int(sys.argv[3]), parallel="mesh")
+runner = make_runner(tc, ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=1, n_heads=2))
+tokens = np.random.default_rng(0).integers(0, 64, 5000).astype(np.uint16)
+recorder = Recorder(tokens)
+mine, whole = TrainBatches(recorder, 16, tc, DataConfig()), TrainBatches(tokens, 16, tc, DataConfig())
+rows = runner.local_rows(tc.batch_size)
+out = {"rows": rows.tolist(), "steps": []}
+for step in range(3):
+    recorder.read.clear()
+    batch = mine.batch(step, rows)
+    placed = runner.place_batch(batch)
+    glob = [multihost_utils.process_allgather(a, tiled=True) for a in placed]
+    expected = whole.batch(step)
+    out["steps"].append({"read": sorted(recorder.read), "local_shape": list(batch[0].shape),
+                         "global_equal": all(np.array_equal(g, e) for g, e in zip(glob, expected))})
+json.dump(out, open(sys.argv[4], "w"))
+"""
+
+
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_each_process_reads_only_its_rows(fsdp, tmp_path):
+    """Data parallel and FSDP over 2 processes x 2 devices: the processes read
+    disjoint rows whose union is the global batch (token positions of their
+    own windows only), and the global array they place is the 1-process batch."""
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", ROWS_SCRIPT, f"127.0.0.1:{port}", str(pid), str(fsdp),
+                               str(tmp_path / f"p{pid}.json")], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+             for pid in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    got = [json.loads((tmp_path / f"p{pid}.json").read_text()) for pid in range(2)]
+    rows = [set(g["rows"]) for g in got]
+    assert rows[0].isdisjoint(rows[1]) and rows[0] | rows[1] == set(range(8)) and len(rows[0]) == 4
+    for step in range(3):
+        reads = [set(g["steps"][step]["read"]) for g in got]
+        assert all(g["steps"][step]["global_equal"] for g in got)
+        assert all(g["steps"][step]["local_shape"] == [2, 4, 16] for g in got)  # (A, its rows, T)
+        # its A x 4 windows of T + 1 positions at most (the whole batch's 2 x 8 would be ~270)
+        assert all(0 < len(r) <= 2 * 4 * 17 for r in reads) and reads[0] != reads[1]
+
+
 # -- jaxgpt.plan -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def plans():

@@ -23,7 +23,7 @@ from torchgpt.train_checkpoints import resume_checkpoint, save_checkpoint
 
 
 class TorchEngine:
-    lead, processes = True, 1  # one process
+    lead, processes, rows = True, 1, None  # one process, reading every row of a batch
 
     def __init__(self, run: Run):
         tc, mc = run.train, run.model
