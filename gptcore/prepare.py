@@ -38,7 +38,7 @@ import numpy as np
 
 from gptcore.corpus import sha256_file
 from gptcore.data import DataError
-from gptcore.documents import documents, known_size, source_stamp
+from gptcore.documents import BUILT_IN, documents, known_size, source_files, source_stamp
 from gptcore.errors import write_atomic
 from gptcore.tokenizer import Tokenizer
 from gptcore.train_config import VAL_SPLITS
@@ -84,15 +84,22 @@ def _encode(batch: list[Piece]) -> list[np.ndarray]:
     return out
 
 
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
 class _Inline:
     """The pool's interface in this process (one worker, or a small corpus: no process to start)."""
 
     def __init__(self, tokenizer: Tokenizer, separator: int):
         _WORKER.update(tokenizer=tokenizer, separator=separator)
 
-    def apply_async(self, fn, args):
-        result = fn(*args)
-        return type("Done", (), {"get": lambda self: result})()
+    def apply_async(self, fn, args) -> "_Done":
+        return _Done(fn(*args))
 
     def __enter__(self):
         return self
@@ -237,7 +244,7 @@ def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field:
     num_proc = num_proc or os.cpu_count() or 1
     size = known_size(spec)
     small = size is not None and size <= 4 * batch_bytes
-    bar = _progress_bar(progress, size)
+    bar = _Bar(spec) if progress else None
 
     def write(ids_batch, batch) -> None:
         for ids, (text, _, last) in zip(ids_batch, batch):
@@ -249,7 +256,7 @@ def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field:
         if writers[streams[0]].count >= shard_tokens:
             done.end_round([f for f in (w.close() for w in writers.values()) if f])
         if bar is not None:
-            bar.update(sum(len(text) for text, _, _ in batch))
+            bar.update(batch, ids_batch)
 
     pool = (_Inline(tokenizer, separator) if num_proc == 1 or small else
             multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer.hf.to_str(), separator)))
@@ -307,11 +314,24 @@ def _splits(done: _Progress, val_split: str, val_fraction: float) -> dict:
     return splits
 
 
-def _progress_bar(enabled: bool, size: int | None):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=size or None, unit="B", unit_scale=True, desc="encoding (characters)")
+class _Bar:
+    """tqdm over the text's UTF-8 bytes (MB/s; a total when the corpus is .txt files), with tokens/s."""
+
+    def __init__(self, spec: str):
+        from tqdm import tqdm
+        files = [] if spec in BUILT_IN or spec.startswith("hf:") else source_files(spec)
+        total = sum(p.stat().st_size for p in files) if files and all(p.suffix == ".txt" for p in files) else None
+        self.tqdm = tqdm(total=total, unit="B", unit_scale=True, desc="encoding", dynamic_ncols=True)
+        self.tokens = 0
+
+    def update(self, batch: list[Piece], ids_batch: list[np.ndarray]) -> None:
+        self.tokens += sum(len(ids) for ids in ids_batch)
+        self.tqdm.set_postfix_str(f"{self.tokens / max(self.tqdm.format_dict['elapsed'], 1e-9):,.0f} tokens/s",
+                                  refresh=False)
+        self.tqdm.update(sum(len(text.encode("utf-8")) for text, _, _ in batch))
+
+    def close(self) -> None:
+        self.tqdm.close()
 
 
 def read_manifest(directory: str | Path, verify: bool = False, quiet: bool = False) -> dict | None:

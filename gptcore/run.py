@@ -30,7 +30,7 @@ from pathlib import Path
 from gptcore.budget import check_fits
 from gptcore.cli import Parser
 from gptcore.config import ConfigError, ModelConfig
-from gptcore.corpus import download_gpt2_tokenizer
+from gptcore.corpus import corpus_from_spec, download_gpt2_tokenizer
 from gptcore.data import DataError
 from gptcore.documents import documents, source_sha256, source_stamp
 from gptcore.errors import RunError
@@ -258,7 +258,7 @@ def fingerprint(run: Run) -> dict:
     and the corpus it trains on (written at its start, in FINGERPRINT_FILE)."""
     return json.loads(json.dumps({  # as it reads back (tuples become lists)
         "model": run.model.to_dict(), "tokenizer_sha256": run.tokenizer.fingerprint, "corpus": run.data.corpus,
-        "corpus_sha256": _data_sha256(run)}))
+        "source_sha256": _data_sha256(run)}))
 
 
 def _data_sha256(run: Run) -> str:
@@ -267,6 +267,14 @@ def _data_sha256(run: Run) -> str:
     if run.data.tokens:
         return hashlib.sha256((Path(run.data.tokens).expanduser() / "manifest.json").read_bytes()).hexdigest()
     return source_sha256(run.data.corpus)
+
+
+def _same_data(saved: dict, now: dict, run: Run) -> bool:
+    if "source_sha256" in saved or run.data.tokens:  # (a token dataset's hash had the older name)
+        return saved.get("source_sha256", saved.get("corpus_sha256")) == now["source_sha256"]
+    # a run started before token datasets: its fingerprint holds the sha256 of the corpus text
+    text = corpus_from_spec(run.data.corpus, Path(run.data.cache_dir).expanduser())
+    return saved.get("corpus_sha256") == hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def check_fingerprint(run: Run) -> None:
@@ -291,10 +299,10 @@ def check_fingerprint(run: Run) -> None:
     if saved.get("tokenizer_sha256") != now["tokenizer_sha256"]:
         raise RunError(f"--resume: {run.out_dir / TOKENIZER_FILE} changed since the run started (its sha256 "
                        f"differs): the run's token ids would no longer mean what they meant")
-    if saved.get("corpus_sha256") != now["corpus_sha256"]:
+    if not _same_data(saved, now, run):
         was = "" if saved.get("corpus") == run.data.corpus else f", was {saved.get('corpus')!r}"
         raise RunError(f"--resume: the corpus changed since the run started (data.corpus = {run.data.corpus!r}"
-                       f"{was}; its text differs): resume on the same text, or start a new run")
+                       f"{was}; its files differ): resume on the same text, or start a new run")
 
 
 def free_name(out_dir: Path) -> str:

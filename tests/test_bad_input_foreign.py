@@ -269,3 +269,20 @@ def test_an_unexpected_failure_is_one_line_and_a_new_run_leaves_nothing(user, mo
     with pytest.raises(ZeroDivisionError):
         jtrain.main(train_args(user, out))
     assert not out.exists()
+
+
+def test_a_run_fingerprinted_before_token_datasets_resumes(user, capsys):
+    """Runs started before corpora became token datasets recorded the sha256
+    of the corpus text: --resume checks that text, then refuses other text."""
+    import hashlib
+    run = resumable(user, "old_fingerprint")
+    fp = json.loads((run / "fingerprint.json").read_text())
+    del fp["source_sha256"]
+    fp["corpus_sha256"] = hashlib.sha256(user.corpus.read_text(encoding="utf-8").encode("utf-8")).hexdigest()
+    (run / "fingerprint.json").write_text(json.dumps(fp))
+    assert jtrain.main(train_args(user, run, "--resume", "train.max_steps=6")) == 0
+    fp["corpus_sha256"] = "0" * 64
+    (run / "fingerprint.json").write_text(json.dumps(fp))
+    capsys.readouterr()
+    assert jtrain.main(train_args(user, run, "--resume", "train.max_steps=8")) == 2
+    assert "the corpus changed since the run started" in capsys.readouterr().err

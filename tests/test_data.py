@@ -149,6 +149,27 @@ def gutenberg_book(body: str) -> str:
             f"{body}\r\n\r\n*** END OF THE PROJECT GUTENBERG EBOOK A TEST ***\r\nLicense text\r\n")
 
 
+def test_other_tokenizer_files_encode_as_tokenizers_does(tmp_path):
+    """A tokenizer.json that is neither char nor byte-level BPE (here a
+    SentencePiece-style Metaspace BPE as Llama 2's, and a word-level one) is
+    kind "hf": its ids and text are exactly what `tokenizers` makes of the file."""
+    text = TINY_SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+    meta = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    meta.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    meta.decoder = tokenizers.decoders.Metaspace()
+    meta.train_from_iterator([text], tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"to": 0, "be": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    for hf, sample in ((meta, "First Citizen:\nBefore we proceed"), (words, "to be or not to be")):
+        hf.save(str(tmp_path / "t.json"))
+        tok = Tokenizer.load(tmp_path / "t.json")
+        assert tok.kind == "hf"
+        assert tok.encode(sample) == hf.encode(sample, add_special_tokens=False).ids
+        assert tok.decode(tok.encode(sample)) == hf.decode(hf.encode(sample).ids, skip_special_tokens=False)
+    assert Tokenizer.load(tmp_path / "t.json").encode("to be or") == [0, 1, 2]  # unknown words: its unk
+    assert Tokenizer.train_char(text).kind == "char" and Tokenizer.train_bpe(text, 300).kind == "bpe"
+
+
 def test_strip_gutenberg():
     book = gutenberg_book("  CHAPTER I.\r\n\r\n   It was a dark night;  \r\nthe end.").replace("\r\n", "\n")
     assert strip_gutenberg(book) == "CHAPTER I.\nIt was a dark night;\nthe end."
