@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ from gptcore.corpus import sha256_file
 from gptcore.data import DataError
 from gptcore.documents import BUILT_IN, documents, known_size, source_files, source_stamp
 from gptcore.errors import write_atomic
+from gptcore.lock import run_lock
 from gptcore.tokenizer import Tokenizer
 from gptcore.train_config import VAL_SPLITS
 
@@ -232,7 +234,23 @@ def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field:
     done = read_manifest(out, verify=True, quiet=True)
     if done is not None and {k: done.get(k) for k in identity} == identity:
         return done
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    with run_lock(out, "one prepare per dataset directory; wait for it or choose another --out"):
+        try:
+            return _write(documents(spec, text_field, cache_dir), tokenizer, out, identity, num_proc=num_proc,
+                          progress=progress)
+        except Exception:  # bad input: a directory this call made goes (Ctrl-C and kill keep it to resume)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def _write(docs: Iterator[str], tokenizer: Tokenizer, out: Path, identity: dict, *, num_proc: int | None,
+           progress: bool) -> dict:
+    """prepare's work, under the directory's lock: encode the documents, write
+    the files and the manifest (`identity`: the settings, as prepare made them)."""
+    spec, separator, batch_bytes = identity["source"], identity["separator"], identity["batch_bytes"]
+    val_split, val_fraction, shard_tokens = identity["val_split"], identity["val_fraction"], identity["shard_tokens"]
     (out / MANIFEST).unlink(missing_ok=True)  # a half-rebuilt directory must never look current
     for stale in out.glob(".*.bin.tmp"):  # a killed run's unfinished file
         stale.unlink()
@@ -263,8 +281,7 @@ def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field:
     with pool:
         pending: deque = deque()
         # a char or byte-level BPE tokenizer gives a text's ids piece by piece; another ("hf") the whole
-        for i, batch in enumerate(_batches(documents(spec, text_field, cache_dir), batch_bytes,
-                                           cut=tokenizer.kind != "hf")):
+        for i, batch in enumerate(_batches(docs, batch_bytes, cut=tokenizer.kind != "hf")):
             if i < done.batches:  # in a file a killed run finished
                 continue
             pending.append((pool.apply_async(_encode, (batch,)), batch))

@@ -137,6 +137,7 @@ def test_bad_input_is_one_line(content, needle, tmp_path, capsys):
                           "--out", str(tmp_path / "ds")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "ds").exists()  # the directory it made is gone
 
 
 def test_a_tokenizer_larger_than_the_model_is_one_line(inputs, tmp_path, capsys):
@@ -145,6 +146,16 @@ def test_a_tokenizer_larger_than_the_model_is_one_line(inputs, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "300 tokens, more than the model's vocab_size 64" in err[0], err
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_dataset_being_prepared_is_not_prepared_twice(inputs, tmp_path, capsys):
+    from gptcore.lock import run_lock
+    with run_lock(tmp_path / "ds"):  # as a prepare running elsewhere holds it
+        code = jprepare.main([f"data.corpus={inputs['jsonl'][0]}", "data.tokenizer=char", "--out",
+                              str(tmp_path / "ds")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "one prepare per dataset directory" in err[0], err
+    assert (tmp_path / "ds").is_dir()  # the other's directory stays
 
 
 def losses(run: Path) -> list[tuple]:
