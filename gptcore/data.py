@@ -1,7 +1,7 @@
 """The batches both trainers draw from a token stream, in numpy only.
 
     prepare(spec, tokenizer, out_dir)                         # gptcore.prepare: a token dataset, once
-    tokens = ShardedTokens(out_dir, "train")                  # its memory-mapped train split (N,)
+    tokens = ShardedTokens(out_dir, "train")                  # gptcore.shards: its train split, memory-mapped (N,)
     x, y   = RandomWindows(tokens, T, B, seed).batch(step)    # int32 (B, T) each
 
 Every sampler is a pure function of (seed, step), so a resumed run draws exactly
@@ -28,7 +28,7 @@ class _Windows:
     """Shared checks and gathering of (x, y) windows from a token stream."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, split: str):
-        if not getattr(tokens, "lazy_tokens", False):  # gptcore.prepare.ShardedTokens reads only what it is asked
+        if not getattr(tokens, "lazy_tokens", False):  # gptcore.shards.ShardedTokens reads only what it is asked
             tokens = np.asarray(tokens)  # a memmap stays a view of the file
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise DataError(f"{split} tokens must be a 1-D integer array, got {tokens.dtype} {tokens.shape}")

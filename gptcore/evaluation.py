@@ -24,8 +24,9 @@ import numpy as np
 from gptcore.cli import Parser, guarded
 from gptcore.errors import UserError
 from gptcore.model_dir import load_with_tokenizer
-from gptcore.prepare import ShardedTokens, prepare
+from gptcore.prepare import prepare
 from gptcore.presets import apply_override, build_section
+from gptcore.shards import ShardedTokens
 
 # (model directory) -> (model config, whatever nll_sum takes as its model, tokenizer.json path or None)
 Loader = Callable[[str], tuple]

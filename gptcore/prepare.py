@@ -1,6 +1,6 @@
 """Token datasets of any size: a corpus's documents (gptcore.documents)
 encoded in worker processes with bounded memory, written as shards with a
-manifest. Training reads them through ShardedTokens; data.corpus runs
+manifest. Training reads them through gptcore.shards; data.corpus runs
 prepare one into OUT_DIR/data, `python -m jaxgpt.prepare` anywhere.
 
 DIR/
@@ -42,12 +42,11 @@ from gptcore.data import DataError
 from gptcore.documents import BUILT_IN, documents, known_size, source_files, source_stamp
 from gptcore.errors import write_atomic
 from gptcore.lock import run_lock
+from gptcore.shards import FORMAT, MANIFEST, read_manifest
 from gptcore.tokenizer import Tokenizer
 from gptcore.train_config import VAL_SPLITS
 
-MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
-FORMAT = "jaxgpt-tokens-2"
 _VAL_RULES = {"tail": "the last int(val_fraction * tokens) tokens of the stream",
               "documents": "document i (from 0) is val when (i + 1) % round(1 / val_fraction) == 0"}
 
@@ -349,65 +348,3 @@ class _Bar:
 
     def close(self) -> None:
         self.tqdm.close()
-
-
-def read_manifest(directory: str | Path, verify: bool = False, quiet: bool = False) -> dict | None:
-    """The manifest of a token dataset; with verify, each file's sha256
-    checked (its size always). A missing or broken one: None when quiet,
-    else a DataError saying to prepare it again (nothing is deleted)."""
-    directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
-        itemsize = np.dtype(manifest["dtype"]).itemsize
-        sizes = {}
-        for f in manifest["files"]:
-            path = directory / f["file"]
-            sizes[f["file"]] = f["tokens"]
-            if path.stat().st_size != f["tokens"] * itemsize:
-                raise ValueError(f"{f['file']} has {path.stat().st_size} bytes, the manifest says "
-                                 f"{f['tokens'] * itemsize}")
-            if verify and sha256_file(path) != f["sha256"]:
-                raise ValueError(f"{f['file']}: its checksum does not match the manifest")
-        for split in manifest["splits"].values():
-            for s in split["shards"]:
-                if not 0 <= s["offset"] <= s["offset"] + s["tokens"] <= sizes[s["file"]]:
-                    raise ValueError(f"a slice of {s['file']} lies outside it")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if quiet:
-            return None
-        raise DataError(f"{directory}: not a usable token dataset ({e}); prepare it again") from None
-    return manifest
-
-
-class ShardedTokens:
-    """A split's slices of the files as one 1-D token sequence (memory-mapped,
-    nothing read until indexed): len() and integer-array indexing, which is
-    what the window samplers use."""
-
-    def __init__(self, directory: str | Path, split: str):
-        directory = Path(directory)
-        manifest = read_manifest(directory)
-        self.dtype = np.dtype(manifest["dtype"])
-        self.maps = [np.memmap(directory / s["file"], dtype=self.dtype, mode="r",
-                               offset=s["offset"] * self.dtype.itemsize, shape=(s["tokens"],))
-                     for s in manifest["splits"][split]["shards"] if s["tokens"]]
-        self.offsets = np.cumsum([0] + [len(m) for m in self.maps])  # (n_slices + 1,)
-        self.ndim, self.lazy_tokens = 1, True
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def shape(self) -> tuple[int]:
-        return (len(self),)
-
-    def __getitem__(self, index) -> np.ndarray:
-        index = np.asarray(index)
-        shard = np.searchsorted(self.offsets, index, side="right") - 1  # which slice holds each position
-        out = np.empty(index.shape, self.dtype)
-        for s in np.unique(shard):
-            where = shard == s
-            out[where] = self.maps[s][index[where] - self.offsets[s]]
-        return out

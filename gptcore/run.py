@@ -137,7 +137,7 @@ def make_tokenizer(data: DataConfig) -> Tokenizer:
     (data.tokens), trained on the corpus's documents as they stream by (char,
     bpe), GPT-2's, or a tokenizer.json file."""
     if data.tokens:
-        from gptcore.prepare import read_manifest
+        from gptcore.shards import read_manifest
         read_manifest(Path(data.tokens).expanduser())  # a usable dataset, or one line saying why not
         return Tokenizer.load(Path(data.tokens).expanduser() / TOKENIZER_FILE)
     if data.tokenizer == "char":

@@ -27,8 +27,9 @@ import numpy as np
 from gptcore.data import RandomWindows, SlidingWindows, eval_batches
 from gptcore.errors import write_atomic
 from gptcore.lock import LOCK_FILE
-from gptcore.prepare import ShardedTokens, prepare
+from gptcore.prepare import prepare
 from gptcore.run import CONFIG_FILE, FINGERPRINT_FILE, Run, RunError, fingerprint
+from gptcore.shards import ShardedTokens
 from gptcore.tokenizer import FILENAME as TOKENIZER_FILE
 from gptcore.train_config import DataConfig, TrainConfig
 

@@ -27,7 +27,8 @@ from gptcore.data import (
     eval_batches,
     pad_batch,
 )
-from gptcore.prepare import ShardedTokens, prepare
+from gptcore.prepare import prepare
+from gptcore.shards import ShardedTokens
 from gptcore.tokenizer import Tokenizer, TokenizerError
 
 TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

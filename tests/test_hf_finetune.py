@@ -18,7 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import jaxgpt.prepare as jprepare
 import jaxgpt.train as jtrain
-from gptcore.prepare import ShardedTokens
+from gptcore.shards import ShardedTokens
 from gptcore.tokenizer import Tokenizer
 from jaxgpt.convert import main as convert
 
@@ -65,9 +65,9 @@ def test_an_hf_llama_fine_tunes_on_its_own_tokenizer(tmp_path, capsys):
 
     run = tmp_path / "tuned"
     assert jtrain.main(["--config", "debug", f"train.init_from={tmp_path / 'imported'}",
-                        f"data.tokens={tmp_path / 'ds'}", f"train.out_dir={run}", "train.max_steps=30", "train.lr=3e-3", "train.warmup_steps=2",
-                        "train.eval_interval=10", "train.eval_batches=2", "train.batch_size=8",
-                        "train.sample_tokens=8"]) == 0
+                        f"data.tokens={tmp_path / 'ds'}", f"train.out_dir={run}", "train.max_steps=30",
+                        "train.lr=3e-3", "train.warmup_steps=2", "train.eval_interval=10", "train.eval_batches=2",
+                        "train.batch_size=8", "train.sample_tokens=8"]) == 0
     val = [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "val_loss" in r]
     assert val[-1] < val[0] - 0.3, val  # it learns the corpus in its own ids
     assert (run / "sample.txt").read_text().strip()

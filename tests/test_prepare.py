@@ -22,7 +22,8 @@ from helpers import SHAKESPEARE
 import jaxgpt.prepare as jprepare
 import jaxgpt.train as jtrain
 from gptcore.data import DataError, RandomWindows
-from gptcore.prepare import ShardedTokens, prepare, read_manifest
+from gptcore.prepare import prepare
+from gptcore.shards import ShardedTokens, read_manifest
 from gptcore.tokenizer import Tokenizer
 
 DOCS = [d for d in SHAKESPEARE.read_text(encoding="utf-8").split("\n\n") if d.strip()][:400]
