@@ -1,50 +1,19 @@
 """`python -m jaxgpt.prepare [--config PRESET] data.corpus=SPEC [data.tokenizer=...] --out DIR`:
-a corpus of any size as a token dataset (shards + manifest, gptcore.prepare),
-encoded in data.num_proc processes with bounded memory. The tokenizer is
-data.tokenizer: a tokenizer.json path or gpt2, or char / bpe trained on the
-corpus as it streams by (a first pass over the documents).
+a corpus of any size as a token dataset, which both trainers read with
+data.tokens=DIR. Parallel text: torchgpt/prepare.py; the command itself is
+gptcore/prepare_cli.py (no framework is involved).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from gptcore.cli import Parser, guarded
-from gptcore.data import DataError
-from gptcore.prepare import prepare
-from gptcore.presets import build_section, load_sections
-from gptcore.run import make_tokenizer
+from gptcore.prepare_cli import run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m jaxgpt.prepare", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="preset name or TOML file whose [data] table to start from")
-    p.add_argument("--out", required=True, help="the token dataset directory to write")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per file (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="data.key=value")
-    args = p.parse_intermixed_args(argv)
-
-    def body():
-        tables = load_sections(args.config, args.overrides)
-        data = build_section("data", tables.get("data", {}), str(args.config))
-        if data.tokens:
-            raise DataError("data.tokens names a prepared dataset: prepare takes data.corpus (and --out)")
-        tokenizer = make_tokenizer(data)
-        vocab = tables.get("model", {}).get("vocab_size")
-        if isinstance(vocab, int) and tokenizer.vocab_size > vocab:  # "auto" takes the tokenizer's
-            raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
-                            f"{vocab} ({args.config}): the ids would not fit its embedding")
-        manifest = prepare(data.corpus, tokenizer, args.out, text_field=data.text_field,
-                           cache_dir=data.cache_dir, val_fraction=data.val_fraction, val_split=data.val_split,
-                           num_proc=data.num_proc or None, shard_tokens=args.shard_tokens, progress=True)
-        splits = manifest["splits"]
-        if not splits["val"]["tokens"]:
-            raise DataError(f"nothing went to val ({manifest['documents']} documents, val_fraction "
-                            f"{data.val_fraction}, val_split {data.val_split}): raise data.val_fraction")
-        print(f"wrote {args.out}: {manifest['documents']:,} documents; " + ", ".join(
-            f"{s} {v['tokens']:,} tokens" + (f" ({v['documents']:,} documents)" if v["documents"] is not None
-                                             else "") for s, v in splits.items()))
-    return guarded(body)
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(argv, "python -m jaxgpt.prepare")
 
 
 if __name__ == "__main__":

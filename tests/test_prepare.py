@@ -21,6 +21,7 @@ from helpers import SHAKESPEARE
 
 import jaxgpt.prepare as jprepare
 import jaxgpt.train as jtrain
+import torchgpt.prepare as tprepare
 from gptcore.data import DataError, RandomWindows
 from gptcore.prepare import prepare
 from gptcore.shards import ShardedTokens, read_manifest
@@ -196,15 +197,16 @@ def test_a_long_document_is_encoded_in_pieces_as_a_whole(tok, tmp_path):
 
 
 def test_fine_tuning_on_a_dataset_needs_the_models_tokenizer(inputs, tmp_path, capsys):
-    """A dataset encoded with the source model's tokenizer.json fine-tunes it;
-    one encoded with another tokenizer is one line naming the way out."""
+    """A dataset encoded with the source model's tokenizer.json (by
+    torchgpt.prepare: the same command) fine-tunes it; one encoded with
+    another tokenizer is one line naming the way out."""
     corpus = inputs["many"][0]
     base = ["--config", "debug", "model.vocab_size=auto", "train.max_steps=2", "train.eval_interval=2",
             "train.eval_batches=1", "train.sample_tokens=0"]
     assert jtrain.main([*base, f"data.corpus={SHAKESPEARE}", f"train.out_dir={tmp_path / 'src'}"]) == 0
     own = tmp_path / "src" / "model" / "tokenizer.json"
-    for name, tokenizer in (("own", str(own)), ("other", "bpe")):
-        assert jprepare.main([f"data.corpus={corpus}", f"data.tokenizer={tokenizer}", "data.bpe_vocab_size=300",
+    for name, tokenizer, command in (("own", str(own), tprepare.main), ("other", "bpe", jprepare.main)):
+        assert command([f"data.corpus={corpus}", f"data.tokenizer={tokenizer}", "data.bpe_vocab_size=300",
                               "data.val_fraction=0.1", "data.num_proc=1", "--out", str(tmp_path / name)]) == 0
     capsys.readouterr()
     tune = [*base, f"train.init_from={tmp_path / 'src'}"]
