@@ -11,9 +11,11 @@ jsonl line or a parquet row one each (its text field).
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +42,33 @@ def source_files(spec: str) -> list[Path]:
 
 def documents(spec: str, text_field: str = "text", cache_dir: str | Path = "~/.cache/jaxgpt") -> Iterator[str]:
     """Every document of the corpus `spec` (see the module docstring), lazily."""
+    for doc in _sources(spec, text_field, cache_dir):
+        yield doc if isinstance(doc, str) else _decode_text(doc.read_bytes(), str(doc))
+
+
+# a piece of a document: (text, starts the document, ends the document)
+Piece = tuple[str, bool, bool]
+
+
+def pieces(spec: str, text_field: str = "text", cache_dir: str | Path = "~/.cache/jaxgpt", *,
+           size: int = 1 << 20, cut: bool = True) -> Iterator[Piece]:
+    """The corpus's documents as pieces of about `size` characters, cut only
+    where byte-level BPE never merges across (see _cuts), so that a document's
+    pieces encoded one by one give its ids. A .txt file is read `size` bytes at
+    a time: a document larger than memory streams. With cut False (tokenizers
+    that may merge across any cut), whole documents."""
+    for doc in _sources(spec, text_field, cache_dir):
+        if isinstance(doc, Path) and cut:
+            yield from _txt_pieces(doc, size)
+            continue
+        text = doc if isinstance(doc, str) else _decode_text(doc.read_bytes(), str(doc))
+        parts = list(_cuts(text, size)) if cut and len(text) > size else [text]
+        for i, part in enumerate(parts):
+            yield part, i == 0, i == len(parts) - 1
+
+
+def _sources(spec: str, text_field: str, cache_dir: str | Path) -> Iterator[str | Path]:
+    """The corpus's documents: text, or the Path of a .txt file (one document, read by the caller)."""
     if spec in BUILT_IN:
         yield corpus_from_spec(spec, Path(cache_dir).expanduser())
         return
@@ -57,7 +86,65 @@ def documents(spec: str, text_field: str = "text", cache_dir: str | Path = "~/.c
         elif name.endswith(".parquet"):
             yield from _parquet_documents(path, text_field)
         else:  # .txt, or a file named directly: UTF-8 text (a BOM dropped, CRLF as LF), checked per file
-            yield _decode_text(path.read_bytes(), str(path))
+            yield path
+
+
+# After "\n" with a non-space before it and a non-space (or "\n" and a non-space) after it: the GPT-2
+# pre-tokenizer that byte-level BPE uses ends a token there in any text, so no merge crosses it
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\n?\S)")
+
+
+def _cuts(text: str, chunk_chars: int) -> Iterator[str]:
+    """Consecutive pieces of `text`, each at least `chunk_chars` long (but the
+    last), cut only at _SAFE_CUT, so the pieces' ids joined are the ids of the
+    whole text. Yields at least one piece."""
+    begin = 0
+    while True:
+        cut = _SAFE_CUT.search(text, begin + chunk_chars) if begin + chunk_chars < len(text) else None
+        end = cut.start() if cut else len(text)
+        yield text[begin:end]
+        if end == len(text):
+            return
+        begin = end
+
+
+def _txt_pieces(path: Path, size: int) -> Iterator[Piece]:
+    """A .txt file's text as _decode_text reads it (the same checks and
+    errors), `size` bytes at a time, in pieces cut at the last safe cut read
+    so far once it lies `size` characters in: memory holds about one piece."""
+    check_regular_file(path, "corpus file")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, held, scanned, last, offset, first = "", "", 0, -1, 0, True
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(size)
+            skip = 3 if offset == 0 and data.startswith(b"\xef\xbb\xbf") else 0  # a BOM
+            if (nul := data.find(b"\0")) >= 0:
+                raise DataError(f"{path} looks binary (NUL byte at offset {offset + nul}), expected UTF-8 text")
+            try:
+                new = held + decoder.decode(data[skip:], final=not data)
+            except UnicodeDecodeError as e:
+                at = offset + skip + e.start - len(decoder.getstate()[0])  # the decoder held earlier bytes
+                raise DataError(f"{path} is not UTF-8 text (byte 0x{_byte_at(path, at):02x} at offset {at})") \
+                    from None
+            offset += len(data)
+            held = "\r" if data and new.endswith("\r") else ""  # a CRLF may straddle two reads
+            pending += new[:len(new) - len(held)].replace("\r\n", "\n")
+            if not data:
+                yield pending, first, True
+                return
+            for cut in _SAFE_CUT.finditer(pending, max(scanned - 2, 0)):  # lookbehind sees before pos
+                last = cut.start()
+            scanned = len(pending)
+            if last >= size:
+                yield pending[:last], first, False
+                pending, scanned, last, first = pending[last:], scanned - last, -1, False
+
+
+def _byte_at(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(1)[0]
 
 
 def source_stamp(spec: str) -> list | str:

@@ -29,7 +29,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 from collections import deque
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ import numpy as np
 
 from gptcore.corpus import sha256_file
 from gptcore.data import DataError
-from gptcore.documents import BUILT_IN, documents, known_size, source_files, source_stamp
+from gptcore.documents import BUILT_IN, Piece, known_size, pieces, source_files, source_stamp
 from gptcore.errors import write_atomic
 from gptcore.lock import run_lock
 from gptcore.shards import FORMAT, MANIFEST, read_manifest
@@ -69,10 +68,6 @@ def _init_worker(tokenizer_json: str, separator: int) -> None:
     path.write_text(tokenizer_json, encoding="utf-8")
     _WORKER.update(tokenizer=Tokenizer.load(path), separator=separator)
     path.unlink()
-
-
-# a piece of a document: (text, starts the document, ends the document)
-Piece = tuple[str, bool, bool]
 
 
 def _encode(batch: list[Piece]) -> list[np.ndarray]:
@@ -109,41 +104,18 @@ class _Inline:
         _WORKER.clear()
 
 
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
-
-
-def _cuts(text: str, chunk_chars: int) -> Iterator[str]:
-    """Consecutive pieces of `text`, each at least `chunk_chars` long (but the
-    last), cut only after a "\n" with a non-space on both sides (_SAFE_CUT):
-    byte-level BPE never merges across such a cut, so the pieces' ids joined
-    are the ids of the whole text. Yields at least one piece."""
-    begin = 0
-    while True:
-        cut = _SAFE_CUT.search(text, begin + chunk_chars) if begin + chunk_chars < len(text) else None
-        end = cut.start() if cut else len(text)
-        yield text[begin:end]
-        if end == len(text):
-            return
-        begin = end
-
-
-
-
-def _batches(docs: Iterator[str], batch_bytes: int, cut: bool = True) -> Iterator[list[Piece]]:
-    """Documents as pieces of about batch_bytes at most (cut where byte-level
-    BPE never merges across, _cuts, so a document's ids are those of its whole
-    text; with cut False, whole), grouped into batches of about batch_bytes:
-    a worker holds one batch's encodings, never a whole large document's."""
+def _batches(stream: Iterator[Piece], batch_bytes: int) -> Iterator[list[Piece]]:
+    """Consecutive pieces (gptcore.documents.pieces) in batches of about
+    batch_bytes: a worker holds one batch's encodings, never a whole large
+    document's."""
     batch: list[Piece] = []
     size = 0
-    for doc in docs:
-        pieces = list(_cuts(doc, batch_bytes)) if cut and len(doc) > batch_bytes else [doc]
-        for i, piece in enumerate(pieces):
-            batch.append((piece, i == 0, i == len(pieces) - 1))
-            size += len(piece)
-            if size >= batch_bytes:
-                yield batch
-                batch, size = [], 0
+    for piece in stream:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
     if batch:
         yield batch
 
@@ -234,19 +206,20 @@ def prepare(spec: str, tokenizer: Tokenizer, out_dir: str | Path, *, text_field:
     if done is not None and {k: done.get(k) for k in identity} == identity:
         return done
     created = not out.exists()
+    # a char or byte-level BPE tokenizer encodes a document piece by piece; another ("hf") needs it whole
+    stream = pieces(spec, text_field, cache_dir, size=batch_bytes, cut=tokenizer.kind != "hf")
     with run_lock(out, "one prepare per dataset directory; wait for it or choose another --out"):
         try:
-            return _write(documents(spec, text_field, cache_dir), tokenizer, out, identity, num_proc=num_proc,
-                          progress=progress)
+            return _write(stream, tokenizer, out, identity, num_proc=num_proc, progress=progress)
         except Exception:  # bad input: a directory this call made goes (Ctrl-C and kill keep it to resume)
             if created:
                 shutil.rmtree(out, ignore_errors=True)
             raise
 
 
-def _write(docs: Iterator[str], tokenizer: Tokenizer, out: Path, identity: dict, *, num_proc: int | None,
+def _write(stream: Iterator[Piece], tokenizer: Tokenizer, out: Path, identity: dict, *, num_proc: int | None,
            progress: bool) -> dict:
-    """prepare's work, under the directory's lock: encode the documents, write
+    """prepare's work, under the directory's lock: encode the pieces, write
     the files and the manifest (`identity`: the settings, as prepare made them)."""
     spec, separator, batch_bytes = identity["source"], identity["separator"], identity["batch_bytes"]
     val_split, val_fraction, shard_tokens = identity["val_split"], identity["val_fraction"], identity["shard_tokens"]
@@ -279,8 +252,7 @@ def _write(docs: Iterator[str], tokenizer: Tokenizer, out: Path, identity: dict,
             multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer.hf.to_str(), separator)))
     with pool:
         pending: deque = deque()
-        # a char or byte-level BPE tokenizer gives a text's ids piece by piece; another ("hf") the whole
-        for i, batch in enumerate(_batches(docs, batch_bytes, cut=tokenizer.kind != "hf")):
+        for i, batch in enumerate(_batches(stream, batch_bytes)):
             if i < done.batches:  # in a file a killed run finished
                 continue
             pending.append((pool.apply_async(_encode, (batch,)), batch))

@@ -32,7 +32,7 @@ from gptcore.cli import Parser
 from gptcore.config import ConfigError, ModelConfig
 from gptcore.corpus import corpus_from_spec, download_gpt2_tokenizer
 from gptcore.data import DataError
-from gptcore.documents import documents, source_sha256, source_stamp
+from gptcore.documents import pieces, source_sha256, source_stamp
 from gptcore.errors import RunError
 from gptcore.lock import LOCK_FILE
 from gptcore.loggers import check_loggers
@@ -150,11 +150,12 @@ def make_tokenizer(data: DataConfig) -> Tokenizer:
 
 
 def _texts(data: DataConfig) -> Iterator[str]:
-    """The corpus's documents, for training a tokenizer on; one line if there is no text."""
+    """The corpus's documents, for training a tokenizer on (those over 64 MB,
+    a .txt read as it streams, in pieces); one line if there is no text."""
     empty = True
-    for doc in documents(data.corpus, data.text_field, data.cache_dir):
-        empty = empty and not doc.strip()
-        yield doc
+    for text, _, _ in pieces(data.corpus, data.text_field, data.cache_dir, size=64 << 20):
+        empty = empty and not text.strip()
+        yield text
     if empty:
         raise DataError(f"the corpus {data.corpus} is empty")
 

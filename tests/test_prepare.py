@@ -257,3 +257,29 @@ def test_a_killed_prepare_resumes_to_the_same_dataset(tok, tmp_path):
     assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == \
         sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert all((tmp_path / "killed" / name).stat().st_mtime_ns == stamp for name, stamp in kept.items())
+
+
+def test_a_txt_file_streams_in_pieces_as_it_reads(tok, tmp_path):
+    """A .txt document is read a few bytes at a time and cut at safe points:
+    the pieces join to the text _decode_text reads (BOM dropped, CRLF as LF,
+    multi-byte characters and CRLFs split across reads), each about `size`
+    long, and their ids are the whole text's (paragraphs separated by blank
+    lines only, and by three newlines, are cut where BPE cannot merge)."""
+    from gptcore.corpus import _decode_text
+    from gptcore.documents import pieces
+    paragraphs = [d.replace("\n", " ") + " 汉字 ✨" for d in DOCS[:120]]
+    text = "\n\n".join(paragraphs[:60]) + "\n\n\n" + "\n\n\n".join(paragraphs[60:])
+    raw = b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8")
+    (tmp_path / "doc.txt").write_bytes(raw)
+    for size in (7, 64, 1000):
+        got = list(pieces(str(tmp_path / "doc.txt"), size=size))
+        assert "".join(p[0] for p in got) == _decode_text(raw, "doc") == text
+        assert [p[1:] for p in got] == [(True, len(got) == 1)] + [(False, False)] * (len(got) - 2) + [(False, True)]
+        assert len(got) > 3 and max(len(p[0]) for p in got[:-1]) < size + 2000
+    prepare(str(tmp_path / "doc.txt"), tok, tmp_path / "ds", num_proc=1, val_fraction=0.0, batch_bytes=500)
+    assert split_tokens(tmp_path / "ds", "train").tolist() == tok.encode(text) + [tok.eos_id]
+    for bad, needle in ((raw[:1001] + b"\0" + raw[1001:], "NUL byte at offset 1001"),
+                        (raw[:1002] + b"\xe9" + raw[1002:], "byte 0xe9 at offset 1002")):
+        (tmp_path / "bad.txt").write_bytes(bad)
+        with pytest.raises(DataError, match=needle):
+            list(pieces(str(tmp_path / "bad.txt"), size=7))
