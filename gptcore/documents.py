@@ -110,11 +110,11 @@ def _cuts(text: str, chunk_chars: int) -> Iterator[str]:
 
 def _txt_pieces(path: Path, size: int) -> Iterator[Piece]:
     """A .txt file's text as _decode_text reads it (the same checks and
-    errors), `size` bytes at a time, in pieces cut at the last safe cut read
-    so far once it lies `size` characters in: memory holds about one piece."""
+    errors), `size` bytes at a time, in pieces cut as _cuts cuts (at the first
+    safe cut `size` characters in): memory holds about one piece."""
     check_regular_file(path, "corpus file")
     decoder = codecs.getincrementaldecoder("utf-8")()
-    pending, held, scanned, last, offset, first = "", "", 0, -1, 0, True
+    pending, held, scanned, offset, first = "", "", 0, 0, True
     with open(path, "rb") as f:
         while True:
             data = f.read(size)
@@ -133,12 +133,11 @@ def _txt_pieces(path: Path, size: int) -> Iterator[Piece]:
             if not data:
                 yield pending, first, True
                 return
-            for cut in _SAFE_CUT.finditer(pending, max(scanned - 2, 0)):  # lookbehind sees before pos
-                last = cut.start()
+            # the first safe cut `size` characters in (lookbehind sees before pos: nothing is searched twice)
+            while (cut := _SAFE_CUT.search(pending, max(size, scanned - 2))) is not None:
+                yield pending[:cut.start()], first, False
+                pending, scanned, first = pending[cut.start():], 0, False
             scanned = len(pending)
-            if last >= size:
-                yield pending[:last], first, False
-                pending, scanned, last, first = pending[last:], scanned - last, -1, False
 
 
 def _byte_at(path: Path, offset: int) -> int:
