@@ -11,6 +11,8 @@ uninterrupted reference run):
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 import time
@@ -64,15 +66,19 @@ def small_disk(tmp_path):
 
 
 def fill(mount: Path) -> Path:
-    """Write zeros until the filesystem has no room left."""
+    """Write zeros until the filesystem has no room left. Unbuffered: a
+    buffered file keeps the bytes a short write left over and raises ENOSPC
+    again when it is closed (which failed a CI run)."""
     filler = mount / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
     return filler
 
 
