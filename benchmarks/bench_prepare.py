@@ -14,7 +14,9 @@ Shakespeare. Three engines, each in a fresh process, on the same corpus:
 - naive:     read every document into memory, one multithreaded `encode_batch`.
 
 Reported: MB/s of text, tokens/s, and peak RSS (the engine's own process;
-for prepare also its largest worker).
+for prepare also its largest worker). Every engine runs at every size under
+a watchdog: one whose processes together pass --memory-cap-gb is stopped,
+and its row says so, with the stage it had reached and the time it ran.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +52,11 @@ with open(OUT + ".bin", "wb") as out:
 """,
     "naive": """
 from gptcore.documents import documents
+print("stage: reading", file=sys.stderr, flush=True)
 docs = list(documents(CORPUS))
+print("stage: encode_batch", file=sys.stderr, flush=True)
 encoded = TOK.encode_batch(docs)
+print("stage: writing", file=sys.stderr, flush=True)
 n = sum(len(ids) for ids in encoded)
 np.concatenate([np.asarray(ids, np.uint16) for ids in encoded]).tofile(OUT + ".bin")
 """,
@@ -93,22 +99,60 @@ def make_corpus(root: Path, megabytes: int) -> int:
     return written
 
 
-def run(engine: str, corpus: Path, tokenizer: Path, out: Path) -> tuple[float, int, int, int]:
+def tree_rss(root: int) -> int:
+    """Resident bytes of a process and all its descendants (Linux /proc)."""
+    parents, rss = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            parents[int(entry.name)] = int(fields[1])
+            rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended while we looked
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, parent in parents.items() if parent == pid and c not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(rss.get(pid, 0) for pid in tree)
+
+
+class Stopped(Exception):
+    """An engine passed the memory cap: (seconds it ran, bytes it held, its last stage)."""
+
+
+def run(engine: str, corpus: Path, tokenizer: Path, out: Path, cap: int) -> tuple[float, int, int, int]:
     code = CHILD.format(single=engine == "1 thread", corpus=str(corpus), out=str(out), tokenizer=str(tokenizer),
                         body=ENGINES[engine])
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    err_path = out.with_suffix(".stderr")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=err,
+                                text=True, start_new_session=True)
+        t0 = time.perf_counter()
+        while proc.poll() is None:
+            held = tree_rss(proc.pid)
+            if held > cap:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                stages = [line for line in err_path.read_text().splitlines() if line.startswith("stage: ")]
+                raise Stopped(time.perf_counter() - t0, held, f", in {stages[-1][7:]}" if stages else "")
+            time.sleep(0.2)
     if proc.returncode:
-        raise SystemExit(f"{engine} failed: {proc.stderr[-2000:]}")
-    seconds, n, rss, child = proc.stdout.split()[-4:]
+        raise SystemExit(f"{engine} failed: {err_path.read_text()[-2000:]}")
+    seconds, n, rss, child = proc.stdout.read().split()[-4:]
     return float(seconds), int(n), int(rss), int(child)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=int, nargs="+", default=[500, 1000], help="corpus sizes, MB")
-    p.add_argument("--naive-max-mb", type=int, default=200,
-                   help="run the naive engine up to this size only: it holds the corpus and its ids in memory, "
-                        "~4.7 GB per 100 MB (default: %(default)s)")
+    p.add_argument("--memory-cap-gb", type=float, default=16.0,
+                   help="stop an engine whose processes together hold more than this (default: %(default)s; "
+                        "the naive engine holds ~4.7 GB per 100 MB of text)")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     from gptcore.tokenizer import Tokenizer
@@ -121,17 +165,20 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for mb in args.mb:
             size = make_corpus(tmp / f"corpus{mb}", mb)
-            engines = ("1 thread", "prepare", "naive") if mb <= args.naive_max_mb else ("1 thread", "prepare")
-            results = {e: run(e, tmp / f"corpus{mb}", tmp / "tokenizer.json", tmp / f"out-{mb}-{i}")
-                       for i, e in enumerate(engines)}
-            base = size / results["1 thread"][0]
-            for engine, (seconds, n, rss, child) in results.items():
+            base = None
+            for i, engine in enumerate(("1 thread", "prepare", "naive")):
+                row = f"| {size / 1e6:,.0f} MB | {engine} |"
+                try:
+                    seconds, n, rss, child = run(engine, tmp / f"corpus{mb}", tmp / "tokenizer.json",
+                                                 tmp / f"out-{mb}-{i}", int(args.memory_cap_gb * 1e9))
+                except Stopped as stop:
+                    seconds, held, stage = stop.args
+                    print(f"{row} stopped | | | > {held / 1e9:.1f} GB after {seconds:.0f} s{stage} |", flush=True)
+                    continue
+                base = base or size / seconds  # the 1-thread loop runs first
                 peak = f"{rss / 1e6:,.0f} MB" + (f" (+ workers of {child / 1e6:,.0f} MB each)" if child else "")
-                print(f"| {size / 1e6:,.0f} MB | {engine} | {size / seconds / 1e6:.2f} | {n / seconds:,.0f} | "
-                      f"{size / seconds / base:.2f}x | {peak} |", flush=True)
-            if "naive" not in results:
-                print(f"| {size / 1e6:,.0f} MB | naive | not run: above --naive-max-mb {args.naive_max_mb} "
-                      f"(its memory grows with the corpus) | | | |", flush=True)
+                print(f"{row} {size / seconds / 1e6:.2f} | {n / seconds:,.0f} | {size / seconds / base:.2f}x | "
+                      f"{peak} |", flush=True)
             for out in tmp.glob(f"out-{mb}-*"):
                 subprocess.run(["rm", "-rf", str(out)], check=False)
 
