@@ -138,7 +138,7 @@ def make_tokenizer(data: DataConfig) -> Tokenizer:
     bpe), GPT-2's, or a tokenizer.json file."""
     if data.tokens:
         from gptcore.shards import read_manifest
-        read_manifest(Path(data.tokens).expanduser())  # a usable dataset, or one line saying why not
+        read_manifest(Path(data.tokens).expanduser(), verify=True)  # a usable dataset, or one line saying why not
         return Tokenizer.load(Path(data.tokens).expanduser() / TOKENIZER_FILE)
     if data.tokenizer == "char":
         return Tokenizer.train_char(_texts(data))

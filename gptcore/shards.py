@@ -6,7 +6,11 @@ checked, and a split as one memory-mapped token sequence.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +20,16 @@ from gptcore.data import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "jaxgpt-tokens-2"
+VERIFIED = ".verified.json"  # {file: [size, mtime_ns, inode, sha256]} of the files whose checksums last matched
+RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime's tick: not recorded
 
 
 def read_manifest(directory: str | Path, verify: bool = False, quiet: bool = False) -> dict | None:
     """The manifest of a token dataset; with verify, each file's sha256
     checked (its size always). A missing or broken one: None when quiet,
-    else a DataError saying to prepare it again (nothing is deleted)."""
+    else a DataError saying to prepare it again (nothing is deleted).
+    Checks that pass are recorded (VERIFIED): a file whose size, mtime and
+    inode are those of its last passing check is not read again."""
     directory = Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
@@ -35,8 +43,8 @@ def read_manifest(directory: str | Path, verify: bool = False, quiet: bool = Fal
             if path.stat().st_size != f["tokens"] * itemsize:
                 raise ValueError(f"{f['file']} has {path.stat().st_size} bytes, the manifest says "
                                  f"{f['tokens'] * itemsize}")
-            if verify and sha256_file(path) != f["sha256"]:
-                raise ValueError(f"{f['file']}: its checksum does not match the manifest")
+        if verify:
+            _verify(directory, manifest["files"])
         for split in manifest["splits"].values():
             for s in split["shards"]:
                 if not 0 <= s["offset"] <= s["offset"] + s["tokens"] <= sizes[s["file"]]:
@@ -46,6 +54,37 @@ def read_manifest(directory: str | Path, verify: bool = False, quiet: bool = Fal
             return None
         raise DataError(f"{directory}: not a usable token dataset ({e}); prepare it again") from None
     return manifest
+
+
+def _verify(directory: Path, files: list[dict]) -> None:
+    """Each file's sha256 against the manifest's, skipping those VERIFIED
+    says passed with the same (size, mtime, inode); the passes are recorded
+    where the directory can be written (a read-only dataset is hashed each time)."""
+    try:
+        record = json.loads((directory / VERIFIED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    passed, now = {}, time.time_ns()
+    for f in files:
+        stat = (directory / f["file"]).stat()
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino, f["sha256"]]
+        if record.get(f["file"]) != stamp and sha256_file(directory / f["file"]) != f["sha256"]:
+            raise ValueError(f"{f['file']}: its checksum does not match the manifest")
+        if now - stat.st_mtime_ns > RACY_NS:
+            passed[f["file"]] = stamp
+    if passed != record:
+        try:  # a name of its own: processes of several hosts may check one shared dataset at once
+            fd, temporary = tempfile.mkstemp(prefix=".verified.", suffix=".tmp", dir=directory)
+        except OSError:
+            return
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(passed, f)
+            os.replace(temporary, directory / VERIFIED)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
 
 
 class ShardedTokens:

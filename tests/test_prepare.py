@@ -22,9 +22,10 @@ from helpers import SHAKESPEARE
 import jaxgpt.prepare as jprepare
 import jaxgpt.train as jtrain
 import torchgpt.prepare as tprepare
+from gptcore.corpus import sha256_file
 from gptcore.data import DataError, RandomWindows
 from gptcore.prepare import prepare
-from gptcore.shards import ShardedTokens, read_manifest
+from gptcore.shards import VERIFIED, ShardedTokens, read_manifest
 from gptcore.tokenizer import Tokenizer
 
 DOCS = [d for d in SHAKESPEARE.read_text(encoding="utf-8").split("\n\n") if d.strip()][:400]
@@ -126,6 +127,39 @@ def test_a_finished_dataset_is_reused_and_a_corrupted_one_refused(inputs, tok, t
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match="checksum does not match"):
         read_manifest(tmp_path / "ds", verify=True)
+
+
+def test_a_passed_check_is_not_repeated_until_a_file_changes(inputs, tok, tmp_path, monkeypatch):
+    """Verification hashes each file once; later checks (a reused prepare, each
+    training start from data.tokens) only stat them, until a file changes:
+    then it is hashed again and a changed content refused, at a training
+    start too. A file written in the last 2 s is hashed each time (its mtime
+    could miss a change)."""
+    import gptcore.shards as shards
+    from gptcore.run import make_tokenizer
+    from gptcore.train_config import DataConfig
+    manifest = prepare(inputs["jsonl"][0], tok, tmp_path / "ds", num_proc=1, shard_tokens=1000, batch_bytes=2000)
+    files = [tmp_path / "ds" / f["file"] for f in manifest["files"]]
+    hashed = []
+    monkeypatch.setattr(shards, "sha256_file", lambda path: hashed.append(path.name) or sha256_file(path))
+    read_manifest(tmp_path / "ds", verify=True)
+    read_manifest(tmp_path / "ds", verify=True)
+    assert len(files) > 3 and hashed == [f.name for f in files] * 2  # just written: racy
+    for f in files:
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 10**10))
+    hashed.clear()
+    for _ in range(3):
+        read_manifest(tmp_path / "ds", verify=True)
+    assert prepare(inputs["jsonl"][0], tok, tmp_path / "ds", num_proc=1, shard_tokens=1000,
+                   batch_bytes=2000) == manifest  # reused
+    assert hashed == [f.name for f in files]
+    data = bytearray(files[2].read_bytes())
+    data[3] ^= 1
+    files[2].write_bytes(bytes(data))
+    hashed.clear()
+    with pytest.raises(DataError, match=f"{files[2].name}: its checksum does not match"):
+        make_tokenizer(DataConfig(tokens=str(tmp_path / "ds")))
+    assert hashed == [files[2].name]
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -254,8 +288,8 @@ def test_a_killed_prepare_resumes_to_the_same_dataset(tok, tmp_path):
     subprocess.run([*run, str(tmp_path / "killed")], check=True)
     whole, killed = (read_manifest(tmp_path / d, verify=True) for d in ("whole", "killed"))
     assert killed == whole and len(whole["files"]) > 10
-    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir() if p.name != VERIFIED) == \
+        sorted(p.name for p in (tmp_path / "whole").iterdir() if p.name != VERIFIED)  # its record: files' ages
     assert all((tmp_path / "killed" / name).stat().st_mtime_ns == stamp for name, stamp in kept.items())
 
 
