@@ -27,7 +27,7 @@ from jaxgpt.model import (
     unstack_layers,
 )
 from jaxgpt.runners import gather, make_runner
-from jaxgpt.step import create_state, evaluate, fresh_state, make_model, step_key
+from jaxgpt.step import create_state, fresh_state, make_model, step_key
 from jaxgpt.train_checkpoints import Checkpoints
 
 
@@ -104,7 +104,7 @@ class JaxEngine:
         return self.runner.metrics(handle)
 
     def evaluate(self, batches) -> float:
-        return evaluate(self.model, self.runner.eval_params(self.state), batches)
+        return self.runner.evaluate(self.state, batches)
 
     def save(self, step: int, loop_state: dict, val_loss: float, improved: bool) -> None:
         state = self.runner.checkpoint_state(self.state)

@@ -15,7 +15,6 @@ Shape legend: A micro-batches per step, B batch, T block size, V vocab.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct as struct
@@ -136,15 +135,25 @@ train_step = jax.jit(step_fn, donate_argnums=0)
 train_step.__doc__ = "step_fn jitted, the state donated: (state, batch (A, B, T) x3, rng) -> (state, metrics)."
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def eval_loss(model: GPT, params, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Mean next-token loss of one (B, T) batch, dropout off."""
-    return ops.cross_entropy(model.apply({"params": params}, x).logits, y)  # (B, T, V) -> ()
+def eval_fn(params, model: GPT, x: jax.Array, y: jax.Array, loss_chunk: int = 0) -> jax.Array:
+    """Mean next-token loss of one (B, T) batch, dropout off; a large
+    vocabulary's loss chunked as in training (the runners jit this: a mesh
+    runner with the activations laid out as in its step)."""
+    chunk = train_config.loss_chunk(model.cfg.vocab_size, x.size, loss_chunk)
+    out = model.apply({"params": params}, x, head=not chunk)
+    if chunk:
+        every = jnp.ones(y.shape, bool)
+        return ops.chunked_cross_entropy(out.hidden, *lm_head_weights(params, model.cfg), y, every, chunk)
+    return ops.cross_entropy(out.logits, y)  # (B, T, V) -> ()
 
 
-def evaluate(model: GPT, params, batches) -> float:
-    """Mean loss over the fixed evaluation batches (x, y (B, T) each)."""
-    return float(np.mean([float(eval_loss(model, params, jnp.asarray(x), jnp.asarray(y))) for x, y in batches]))
+eval_loss = jax.jit(eval_fn, static_argnums=(1, 4))
+eval_loss.__doc__ = "eval_fn jitted: (params, model, x, y (B, T), loss_chunk) -> ()."
+
+
+def evaluate(loss, batches) -> float:
+    """Mean of loss(x, y) over the fixed evaluation batches (x, y (B, T) numpy each)."""
+    return float(np.mean([float(loss(x, y)) for x, y in batches]))
 
 
 def step_key(seed: int, step: int) -> jax.Array:

@@ -106,6 +106,22 @@ def test_trainers_loss_fn_chunked_equals_plain(tie):
             assert rel(grads[name], want[1][name]) <= 1e-5, (key, name)
 
 
+def test_evaluation_chunked_equals_plain_in_both_twins():
+    """The trainers' evaluation (step.eval_fn / evaluate in each twin) with
+    loss_chunk 16 (4 slices of a 4 x 16 batch) and 0: one value, 1e-6."""
+    tmodel, params = twins(CFG)
+    rng = np.random.default_rng(2)
+    batches = [tuple(rng.integers(0, CFG.vocab_size, (2, 4, 16)).astype(np.int32)) for _ in range(2)]
+    got = {}
+    for chunk in (0, 16):
+        got["jax", chunk] = js.evaluate(lambda x, y: js.eval_loss(params, jm.GPT(CFG), jnp.asarray(x),
+                                                                  jnp.asarray(y), chunk), batches)
+        got["torch", chunk] = ts.evaluate(tmodel, batches, "cpu", chunk)
+    want = got["jax", 0]
+    for key, value in got.items():
+        assert abs(value - want) <= 1e-6 * want, (key, value, want)
+
+
 def test_jax_chunked_step_never_holds_the_full_logits():
     """The compiled train step with chunking has no (B, T, V) array anywhere
     in its program, and its temporaries are smaller than the plain step's."""

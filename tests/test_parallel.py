@@ -20,7 +20,8 @@ from helpers import REPO, SHAKESPEARE
 
 # Each run named in argv[1] (comma-separated "MODEL/KIND": KIND is single, pmap or FSDP.TENSOR, a
 # mesh) trains 20 steps and writes argv[2]/MODEL-KIND.npz on process 0: per-step loss and grad
-# norm, the final params, the state's bytes in all and on the first device.
+# norm, the val loss of two batches after them (runner.evaluate), the final params, the state's bytes
+# in all and on the first device.
 SCRIPT = r"""
 import sys, jax, numpy as np
 runs, out = sys.argv[1], sys.argv[2]
@@ -72,11 +73,16 @@ for run in runs.split(","):
         metrics = runner.metrics(m)
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
+    evals = [tuple(np.random.default_rng(100 + i).integers(0, 64, (2, 8, 16)).astype(np.int32)) for i in range(2)]
+    val = runner.evaluate(state, evals)  # every process passes the whole evaluation batch
+    if kind == "single":  # the chunked evaluation (gqa's vocabulary) is the plain one's
+        plain = js.evaluate(lambda x, y: js.eval_loss(state.params, state.model, x, y, 0), evals)
+        assert abs(plain - val) <= 1e-6 * plain, (plain, val)
     params = runners.gather(runner.checkpoint_state(state).params)
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-        np.savez(f"{out}/{name}-{kind}.npz", loss=losses, grad_norm=norms, total_bytes=total, first_bytes=first,
-                 expert_share=expert_share, **flat)
+        np.savez(f"{out}/{name}-{kind}.npz", loss=losses, grad_norm=norms, val=val, total_bytes=total,
+                 first_bytes=first, expert_share=expert_share, **flat)
 """
 def run(args: list[str], devices: int) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
@@ -102,7 +108,7 @@ def assert_same(got: dict, want: dict, what: str, rtol: float = 1e-5) -> None:
     such flips grew the meshes' differences to ~1e-5 in 20 steps."""
     params = sorted(k for k in want if k.startswith("["))
     assert params and params == sorted(k for k in got if k.startswith("["))
-    for k in ("loss", "grad_norm"):
+    for k in ("loss", "grad_norm", "val"):
         # clipping and Adam hide a gradient summed twice from the params: the norm does not
         np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=0, err_msg=f"{what}: {k}")
     for k in params:

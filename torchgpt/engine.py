@@ -72,7 +72,7 @@ class TorchEngine:
         return dict(handle)
 
     def evaluate(self, batches) -> float:
-        return steps.evaluate(self.model, batches, self.device)
+        return steps.evaluate(self.model, batches, self.device, self.run.train.loss_chunk)
 
     def save(self, step: int, loop_state: dict, val_loss: float, improved: bool) -> None:
         save_checkpoint(self.directory / "latest.pt", self.model, self.optimizer, step, loop_state)

@@ -64,10 +64,20 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, batch, step: int, c
     return metrics
 
 
+def eval_fn(model: GPT, x, y, loss_chunk: int = 0) -> torch.Tensor:
+    """Mean next-token loss of one (B, T) batch (the model in eval mode); a
+    large vocabulary's loss chunked as in training."""
+    chunk = train_config.loss_chunk(model.cfg.vocab_size, x.numel(), loss_chunk)
+    out = model(x, head=not chunk)
+    if chunk:
+        every = torch.ones(y.shape, dtype=torch.bool, device=y.device)
+        return ops.chunked_cross_entropy(out.hidden, *model.lm_head_weights(), y, every, chunk)
+    return ops.cross_entropy(out.logits, y)  # (B, T, V) -> ()
+
+
 @torch.no_grad()
-def evaluate(model: GPT, batches, device) -> float:
-    """Mean loss over the fixed evaluation batches (x, y (B, T) each), dropout off."""
+def evaluate(model: GPT, batches, device, loss_chunk: int = 0) -> float:
+    """Mean loss over the fixed evaluation batches (x, y (B, T) numpy each), dropout off."""
     model.eval()
-    losses = [float(ops.cross_entropy(model(torch.from_numpy(x).to(device)).logits, torch.from_numpy(y).to(device)))
-              for x, y in batches]
-    return float(np.mean(losses))
+    return float(np.mean([float(eval_fn(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
+                                        loss_chunk)) for x, y in batches]))
