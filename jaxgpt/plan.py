@@ -2,8 +2,8 @@
 
     python -m jaxgpt.plan --config llama2_7b --devices 64 train.fsdp=16 train.tensor=4
 
-lowers and compiles the real train step (jaxgpt.runners.MeshRunner's, the
-one `python -m jaxgpt.train` runs) ahead of time for N simulated CPU
+lowers and compiles the real train step and evaluation (jaxgpt.runners.MeshRunner's,
+the ones `python -m jaxgpt.train` runs) ahead of time for N simulated CPU
 devices, from abstract shapes: nothing the size of the model is allocated.
 It prints, per device: parameter and optimizer-state bytes (from the
 shardings), XLA's temporary bytes (its buffer assignment, CPU backend: an
@@ -43,6 +43,7 @@ class Plan:
     param_bytes: int  # per device, as sharded
     optimizer_bytes: int  # per device
     temp_bytes: int  # per device, XLA's buffer assignment
+    eval_temp_bytes: int  # per device, the evaluation's (one (B, T) batch, forward only)
     flops: float  # per device, one optimizer step: matmuls (dot ops) of the compiled program
     collective_bytes: int  # per device, one optimizer step
     compile_s: float
@@ -85,12 +86,15 @@ def make_plan(mc: ModelConfig, tc: TrainConfig, devices: list) -> Plan:
                    for s in jax.tree_util.tree_leaves(tree))
 
     memory = compiled.memory_analysis()
+    rows = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=runner.row_sharding)
+    evaluation = runner.compile_eval(shapes).lower(state.params, rows, rows).compile().memory_analysis()
     flops, moved = hlo_counts(compiled.as_text())
     sizes = runner.layout.sizes
     mesh = " x ".join(f"{axis} {n}" for axis, n in sizes.items() if n > 1 or axis == "data")
     return Plan(devices=len(devices), mesh=mesh,
                 params=param_count(mc), param_bytes=per_device(state.params),
                 optimizer_bytes=per_device(state.opt_state), temp_bytes=int(memory.temp_size_in_bytes),
+                eval_temp_bytes=int(evaluation.temp_size_in_bytes),
                 flops=flops, collective_bytes=moved, compile_s=compile_s)
 
 
@@ -175,6 +179,7 @@ def report(plan: Plan) -> str:
                                                f"{state / plan.analytic_state_bytes:.3f}x)"),
             ("per device: temporaries (XLA)", _gb(plan.temp_bytes)),
             ("per device: total", _gb(state + plan.temp_bytes)),
+            ("per device: evaluation temporaries", _gb(plan.eval_temp_bytes)),
             ("per device: matmul FLOPs / step", f"{plan.flops:.3e}"),
             ("per device: collectives / step", _gb(plan.collective_bytes)),
             ("compile time", f"{plan.compile_s:.1f} s")]

@@ -279,6 +279,7 @@ def test_plan_command_line(tmp_path):
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "data 1 x fsdp 2 x tensor 2 (4 devices)" in ok.stdout and "per device: temporaries" in ok.stdout
+    assert "per device: evaluation temporaries" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "jaxgpt.plan", "--config", "debug", "--devices", "6",
                           "train.tensor=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == (
@@ -291,7 +292,9 @@ def test_plan_of_a_7b_model_on_64_devices():
     within 10% of (4 + 8) x params / 64, and the FLOPs of one step within
     the usual bounds: at least 6 x params x tokens (forward and backward) and
     at most 8 x (remat: the forward twice) plus attention. Mixtral-8x7B's
-    shape with capacity dispatch on fsdp 8 x expert 8 fits the same 10%."""
+    shape with capacity dispatch on fsdp 8 x expert 8 fits the same 10%.
+    The evaluation (forward only, laid out as the step) needs fewer
+    temporaries than the step."""
     script = r"""
 import json, jax
 jax.config.update("jax_num_cpu_devices", 64)
@@ -317,6 +320,7 @@ print(json.dumps(out))
         analytic = 12 * plan["params"] / 64
         assert abs(plan["param_bytes"] + plan["optimizer_bytes"] - analytic) <= 0.1 * analytic, plan
         assert plan["temp_bytes"] > 0 and plan["collective_bytes"] > 0
+        assert 0 < plan["eval_temp_bytes"] < plan["temp_bytes"], plan  # evaluation fits where the step does
         tokens = 64 * 4096 / 64  # per device
         assert 6 * plan["params"] * tokens < plan["flops"] < 8 * plan["params"] * tokens * 1.5, plan
 
