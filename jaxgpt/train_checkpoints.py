@@ -7,10 +7,12 @@ Parallel text: torchgpt/train_checkpoints.py (latest.pt and best.pt).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from gptcore.run import RunError
 from jaxgpt.step import TrainState
 
 BEST = "checkpoint_is_best"  # in each checkpoint's loop JSON: the retention policy keeps the newest such
+TEMPORARY = "*.orbax-checkpoint-tmp*"  # orbax writes a checkpoint here, then renames it
+SETTLE_S = 30.0  # how long a failed save waits for the writer threads it started
 
 
 class Checkpoints:
@@ -62,6 +66,7 @@ class Checkpoints:
         checkpoints intact."""
         step = int(state.step)
         arrays = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        before = set(threading.enumerate())
         try:
             self.manager.wait_until_finished()
             self.prune()
@@ -72,7 +77,7 @@ class Checkpoints:
                 self.manager.wait_until_finished()
                 self.prune()
         except Exception as e:  # orbax and tensorstore wrap the OSError in their own types
-            raise self._failed_save(e) from None
+            raise self._failed_save(e, set(threading.enumerate()) - before) from None
 
     def prune(self) -> None:
         """Delete all but the newest `keep` complete checkpoints and the
@@ -89,9 +94,17 @@ class Checkpoints:
         except (OSError, ValueError):
             return {}
 
-    def _failed_save(self, e: Exception) -> RunError:
-        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+    def _failed_save(self, e: Exception, writers: set[threading.Thread]) -> RunError:
+        """Orbax raises the first failed write while its other writers go on
+        (and may create the temporary directory again): wait for the threads
+        the save started, then remove its temporaries, and once more when the
+        process ends, after Python has joined any thread still writing."""
+        deadline = time.monotonic() + SETTLE_S
+        for thread in writers:
+            if thread.is_alive():  # not one still starting: join() refuses those
+                thread.join(max(0.0, deadline - time.monotonic()))
+        remove_temporaries(self.directory)
+        atexit.register(remove_temporaries, self.directory)
         return checkpoint_write_failed(f"a checkpoint in {self.directory}", e, self.directory)
 
     def restore(self, state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
@@ -140,6 +153,11 @@ class Checkpoints:
         self.manager.wait_until_finished()
         self.prune()
         self.manager.close()
+
+
+def remove_temporaries(directory: Path) -> None:
+    for tmp in directory.glob(TEMPORARY):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _target(a):

@@ -7,6 +7,8 @@ uninterrupted reference run):
 - The disk fills up during training (a small tmpfs the test mounts, then
   fills): one line, no temporary checkpoint left, the earlier checkpoints
   load; once there is room, --resume ends as the uninterrupted run ends.
+- A failed save whose writer thread goes on after the error (orbax raises
+  the first failed write while the others run) leaves no temporary either.
 """
 
 from __future__ import annotations
@@ -15,14 +17,19 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import test_reliability as reliability
 from helpers import REPO
 from test_reliability import STEPS, assert_same_run, complete_steps
+
+from gptcore.run import RunError
+from jaxgpt.train_checkpoints import Checkpoints
 
 preset, through = reliability.preset, reliability.through  # its fixtures, made again for this module
 
@@ -106,3 +113,26 @@ def test_a_full_disk_is_one_line_and_resume_continues(name, preset, through, sma
     else:
         import torch
         assert torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["step"] == STEPS
+
+
+def test_a_writer_that_outlives_a_failed_save_leaves_no_temporary(tmp_path, monkeypatch):
+    """The race that left 4.orbax-checkpoint-tmp behind in a CI run: the
+    save raises ENOSPC at once, while a writer it started creates the
+    temporary directory 0.3 s later."""
+    checkpoints = Checkpoints(tmp_path / "checkpoints", keep=2)
+    writers = []
+
+    def save(step, args, force):
+        def write():
+            time.sleep(0.3)
+            (checkpoints.directory / f"{step}.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+            (checkpoints.directory / f"{step}.orbax-checkpoint-tmp" / "state" / "shard").write_bytes(b"\0" * 64)
+        writers.append(threading.Thread(target=write))
+        writers[-1].start()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints.manager, "save", save)
+    with pytest.raises(RunError, match="the disk is full"):
+        checkpoints.save(SimpleNamespace(step=4, params={}, opt_state={}), {}, best=False)
+    assert not writers[0].is_alive()  # waited for, not left running
+    assert list(checkpoints.directory.iterdir()) == []
