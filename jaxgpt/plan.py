@@ -9,7 +9,8 @@ It prints, per device: parameter and optimizer-state bytes (from the
 shardings), XLA's temporary bytes (its buffer assignment, CPU backend: an
 accelerator's compiler fuses and schedules differently, so read it as an
 estimate), the matmul FLOPs of one step and the bytes the collectives
-produce, read from the compiled program with while-loop bodies (scanned
+produce (at the width the SPMD partitioner gave them: XLA:CPU widens bf16
+collectives to f32), read from the compiled program with while-loop bodies (scanned
 layers, micro-batches) counted once per iteration; and the model's
 parameter count. MaxText's ahead-of-time
 compile is the model for this.
@@ -108,6 +109,8 @@ _CALLEE = re.compile(r"\b(body|calls|to_apply|true_computation|false_computation
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_OPERANDS = re.compile(r"%([\w.\-]+)")
+_NARROW = ("bf16", "f16")  # what XLA:CPU has no collectives for: it widens them to f32 (float normalization)
 
 
 def _arrays(type_text: str) -> list[tuple[str, list[int]]]:
@@ -119,9 +122,15 @@ def hlo_counts(hlo: str) -> tuple[float, int]:
     (per device for an SPMD program). An op inside a while body counts once
     per iteration (XLA's known trip count; XLA's own cost analysis counts a
     loop body once), inside a called or fused computation once per call.
-    An asynchronous collective counts at its -done."""
+    An asynchronous collective counts at its -done. A collective counts at
+    the width of what it moves: XLA:CPU, which compiles the plan, has no
+    bf16 collectives and widens them to f32 (a convert from bf16 in front,
+    one back behind), where an accelerator moves the bf16 values the
+    partitioner gave it; such a collective counts at 2 bytes an element."""
     bodies: dict[str, list[str]] = {}
     types: dict[str, str] = {}  # instruction -> its result type (names are unique in a module)
+    defs: dict[str, re.Match] = {}  # instruction -> its definition
+    roots: dict[str, str] = {}  # computation -> its ROOT instruction
     entry = name = None
     for line in hlo.splitlines():
         header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
@@ -132,6 +141,30 @@ def hlo_counts(hlo: str) -> tuple[float, int]:
         elif name is not None and (m := _DEFINITION.match(line)):
             bodies[name].append(line)
             types[m.group(1)] = m.group(2)
+            defs[m.group(1)] = m
+            if line.lstrip().startswith("ROOT "):
+                roots[name] = m.group(1)
+
+    def operands(m: re.Match) -> list[str]:
+        return _OPERANDS.findall(m.group(4).split(")", 1)[0])
+
+    def widened(value: str) -> bool:
+        """value is a convert of a bf16 / f16 array, alone or as a fusion's root."""
+        m = defs.get(value)
+        if m and m.group(3) == "fusion" and (callee := re.search(r"calls=%([\w.\-]+)", m.group(0))):
+            m = defs.get(roots.get(callee.group(1), ""))
+        if not m or m.group(3) != "convert" or not (args := operands(m)):
+            return False
+        return any(dtype in _NARROW for dtype, _ in _arrays(types.get(args[0], "")))
+
+    def moved(m: re.Match) -> int:
+        args = operands(m)
+        if m.group(3).endswith("-done") and args and args[0] in defs:  # the -start holds the operands
+            args = operands(defs[args[0]])
+        arrays = _arrays(m.group(2))
+        paired = len(args) == len(arrays)
+        return sum((2 if dtype == "f32" and paired and widened(arg) else _ITEM_BYTES.get(dtype, 4)) * math.prod(dims)
+                   for (dtype, dims), arg in zip(arrays, args if paired else [""] * len(arrays)))
 
     def own(line: str) -> tuple[float, int]:
         m = _DEFINITION.match(line)
@@ -144,7 +177,7 @@ def hlo_counts(hlo: str) -> tuple[float, int]:
                 k = math.prod(dims[0][1][int(d)] for d in contracting.group(1).split(",") if d)
                 return 2.0 * math.prod(_arrays(result)[0][1]) * k, 0
         if op.removesuffix("-done") in _COLLECTIVES:
-            return 0.0, sum(_ITEM_BYTES.get(dtype, 4) * math.prod(dims) for dtype, dims in _arrays(result))
+            return 0.0, moved(m)
         return 0.0, 0
 
     @functools.lru_cache(maxsize=None)

@@ -7,7 +7,9 @@ is fixed when jax starts."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -269,6 +271,42 @@ def test_plan_counts_loops_and_shards(plans):
     assert whole == pytest.approx(12 * single["params"], rel=0.01)
     assert (fsdp8["param_bytes"] + fsdp8["optimizer_bytes"]) < 0.2 * whole  # norm gains stay whole
     assert single["temp_bytes"] > 0 and single["mesh"] == "data 1" and fsdp8["mesh"] == "data 1 x fsdp 8"
+
+
+def test_plan_counts_collectives_as_the_partitioner_emits_them(tmp_path):
+    """XLA:CPU widens bf16 collectives to f32; the plan counts what the SPMD
+    partitioner emitted (what an accelerator moves): for a bf16 and an fp32
+    step on fsdp 8 (one loop iteration: unrolled layers, one micro-batch),
+    the plan's bytes equal the sum over the collectives XLA dumps right
+    after partitioning, and the bf16 step's weight gathers are half."""
+    script = r"""
+import json, jax
+jax.config.update("jax_num_cpu_devices", 8)
+from gptcore.presets import load_config
+from jaxgpt.plan import make_plan
+out = []
+for dtype in ("bfloat16", "float32"):
+    c = load_config("debug", [f"train.dtype={dtype}", "train.fsdp=8", "train.tensor=1", "train.batch_size=8",
+                              "train.scan_layers=false", "model.d_model=64", "model.d_ff=256"])
+    out.append(make_plan(c["model"], c["train"], jax.devices()).collective_bytes)
+print(json.dumps(out))
+"""
+    dump = tmp_path / "hlo"
+    env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_pass_re=.* "
+                                      "--xla_dump_hlo_pipeline_re=spmd-cleanup --xla_dump_hlo_module_re=sharded_step"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planned = json.loads(proc.stdout.strip().splitlines()[-1])
+    size = {"pred": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+    collective = re.compile(r"= (\(?[^=]*?\)?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)\(")
+    partitioned = []
+    for module in sorted(dump.glob("module_*.jit_sharded_step.*.spmd-cleanup.after_cse.*.txt")):
+        partitioned.append(sum(size[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+                               for line in module.read_text().splitlines() if (m := collective.search(line))
+                               for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))))
+    assert planned == partitioned, (planned, partitioned)
+    assert 0.4 < planned[0] / planned[1] < 0.6  # the matrices' gathers and gradients move as bf16
 
 
 def test_plan_command_line(tmp_path):
