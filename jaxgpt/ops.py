@@ -7,12 +7,14 @@ key/value head, D head_dim, C d_model.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from gptcore.rope import rope_inv_freq
+from jaxgpt.sharding import over_tokens
 
 # -- positions ---------------------------------------------------------------
 
@@ -184,14 +186,22 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, bias: jax.Array 
     tokens at a time: never more than (chunk, V) float32 logits alive. Under
     differentiation each slice's gradients are made while its logits exist
     (softmax - one_hot, then the two matmuls back to hidden and the head), so
-    nothing is recomputed. (B, T, C), (C, V), (V,) | None, (B, T), (B, T) -> ()."""
-    C, V = hidden.shape[-1], kernel.shape[-1]
+    nothing is recomputed. On a mesh each device slices its own tokens
+    (sharding.over_tokens): chunk tokens a slice, or all it holds if fewer.
+    (B, T, C), (C, V), (V,) | None, (B, T), (B, T) -> ()."""
+    b = jnp.zeros((kernel.shape[-1],), jnp.float32) if bias is None else bias
+    total = over_tokens(functools.partial(_nll_sum, chunk=chunk), hidden, targets, valid, whole=(kernel, b))
+    return total / jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
+
+
+def _nll_sum(hidden, targets, valid, kernel, b, chunk: int):
+    """The summed weighted nll of chunked_cross_entropy."""
+    C = hidden.shape[-1]
     h, y, v = hidden.reshape(-1, C), targets.reshape(-1), valid.reshape(-1).astype(jnp.float32)
+    chunk = min(chunk, h.shape[0])
     pad = -h.shape[0] % chunk  # padding rows: weight 0
     h, y, v = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(y, (0, pad)), jnp.pad(v, (0, pad))
-    b = jnp.zeros((V,), jnp.float32) if bias is None else bias
-    total = _chunked_nll_sum(h.reshape(-1, chunk, C), kernel, b, y.reshape(-1, chunk), v.reshape(-1, chunk))
-    return total / jnp.maximum(v.sum(), 1.0)
+    return _chunked_nll_sum(h.reshape(-1, chunk, C), kernel, b, y.reshape(-1, chunk), v.reshape(-1, chunk))
 
 
 def _slice_nll(h, kernel, b, y, v):
@@ -216,17 +226,34 @@ def _chunked_nll_sum_fwd(h, kernel, b, y, v):
         dk = jnp.dot(hs.T, d.astype(hs.dtype), preferred_element_type=jnp.float32)
         return (grads[0] + dk, grads[1] + d.sum(0)), (nll, dh.astype(hs.dtype))
 
-    zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32))
+    axes = _varying(h)  # under shard_map: the devices the tokens vary over (the sums' carry must too)
+    zeros = tuple(_vary(jnp.zeros(a.shape, jnp.float32), axes) for a in (kernel, b))
     (dk, db), (nlls, dh) = jax.lax.scan(one, zeros, (h, y, v))
     return nlls.sum(), (dh, dk.astype(kernel.dtype), db.astype(b.dtype))
 
 
 def _chunked_nll_sum_bwd(res, g):
+    """Under shard_map each device's dk, db sum its own tokens: added up here,
+    once (the kernel and bias are the same on every device)."""
     dh, dk, db = res
-    return (g * dh).astype(dh.dtype), (g * dk).astype(dk.dtype), (g * db).astype(db.dtype), None, None
+    dk, db = (jax.lax.psum(g * d, axes) if (axes := _varying(d)) else g * d for d in (dk, db))
+    return (g * dh).astype(dh.dtype), dk.astype(res[1].dtype), db.astype(res[2].dtype), None, None
 
 
 _chunked_nll_sum.defvjp(_chunked_nll_sum_fwd, _chunked_nll_sum_bwd)
+
+
+def _varying(x) -> tuple[str, ...]:
+    """The shard_map axes x varies over (jax >= 0.10: manual_axis_type; before: vma)."""
+    aval = jax.typeof(x)
+    kinds = getattr(aval, "manual_axis_type", None)
+    return tuple(sorted(kinds.varying if kinds is not None else getattr(aval, "vma", ())))
+
+
+def _vary(x, axes: tuple[str, ...]):
+    if not axes:
+        return x
+    return jax.lax.pcast(x, axes, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(x, axes)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, valid: jax.Array | None = None) -> jax.Array:

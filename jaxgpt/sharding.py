@@ -26,6 +26,10 @@ model while a mesh step is traced): batch rows over data x fsdp, features
 as the weights that produced them. Without these XLA's partitioner may keep
 every token on every device and all-reduce matmul outputs instead.
 
+The chunked loss is the one place that does not leave the layout to XLA:
+it runs per device (`over_tokens`, under shard_map), each device slicing
+its own tokens against the whole head.
+
 None of this changes the function computed; XLA's partitioner inserts the
 collectives (tested: every mesh equals one device, tests/test_parallel.py).
 """
@@ -67,6 +71,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
     "act_experts": ("expert",),
+    "loss_tokens": ("tensor",),  # a row's tokens in the chunked loss (over_tokens): tensor devices share them
 }
 
 # Dense layer name -> logical axes of its (fan_in, fan_out) kernel; its bias takes fan_out's
@@ -175,3 +180,28 @@ def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
         return x
     layout = _TRACING[-1]
     return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, layout.spec(axes, x.shape)))
+
+
+def over_tokens(fn, *tokens: jax.Array, whole: tuple = ()):
+    """fn(*tokens, *whole), a sum over tokens (arrays whose leading dims
+    are (B, T)), computed by each device of a mesh step being traced on its
+    own tokens (rows as the batch's, a row's tokens over tensor) with
+    `whole` replicated, the partial sums added once; fn itself anywhere
+    else. The chunked loss runs so: under XLA's partitioner alone, its slice
+    loop reduced each slice's logits across devices (or the head's gradient,
+    once the head was whole)."""
+    if not _TRACING:
+        return fn(*tokens, *whole)
+    layout = _TRACING[-1]
+    spec = layout.spec(("batch", "loss_tokens"), tokens[0].shape[:2])
+    split = tuple(a for part in spec if part for a in ((part,) if isinstance(part, str) else part))
+    # the step's layout at the boundary (rows only): else the gradient of the tokens, split over tensor,
+    # kept that layout back through every layer, which then gathered its activations
+    rows = NamedSharding(layout.mesh, layout.spec(("batch",), tokens[0].shape[:1]))
+    tokens = tuple(jax.lax.with_sharding_constraint(t, rows) for t in tokens)
+
+    def local(*args):
+        out = fn(*args)
+        return jax.lax.psum(out, split) if split else out
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec,) * len(tokens) + (P(),) * len(whole),
+                         out_specs=P())(*tokens, *whole)
